@@ -1,0 +1,1 @@
+"""FixMatch semi-supervised image classification on HuggingFace Accelerate."""
