@@ -1,0 +1,121 @@
+"""Models: Wide ResNets as in the FixMatch paper, a small CNN for the demo, any timm model.
+
+The WRNs follow the paper's code (pre-activation blocks, BatchNorm momentum 0.001,
+LeakyReLU 0.1); timm has Wide ResNets only in the ImageNet layout, so these are
+written here.
+"""
+
+import timm
+import torch
+from torch import nn
+
+from .errors import UsageError
+
+BN_MOMENTUM = 0.001  # PyTorch momentum = 1 - TF decay 0.999, as in the paper's code.
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, out_planes: int, stride: int, activate_before_residual: bool):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes, momentum=BN_MOMENTUM)
+        self.relu1 = nn.LeakyReLU(0.1, inplace=True)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes, momentum=BN_MOMENTUM)
+        self.relu2 = nn.LeakyReLU(0.1, inplace=True)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
+        self.equal_in_out = in_planes == out_planes
+        self.shortcut = None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride, 0, bias=False)
+        self.activate_before_residual = activate_before_residual
+
+    def forward(self, x):
+        # The first block of the network feeds the activated input to the shortcut too.
+        if not self.equal_in_out and self.activate_before_residual:
+            x = self.relu1(self.bn1(x))
+            out = x
+        else:
+            out = self.relu1(self.bn1(x))
+        out = self.conv2(self.relu2(self.bn2(self.conv1(out))))
+        return out + (x if self.equal_in_out else self.shortcut(x))
+
+
+class WideResNet(nn.Module):
+    """WRN-d-k for 32x32-ish inputs: 3 groups of (d-4)/6 pre-activation blocks."""
+
+    def __init__(self, num_classes: int, depth: int = 28, widen_factor: int = 2, in_chans: int = 3):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WRN depth must be 6n+4, got {depth}")
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
+        blocks = []
+        for g, stride in enumerate((1, 2, 2)):
+            for i in range(n):
+                blocks.append(
+                    _BasicBlock(
+                        widths[g] if i == 0 else widths[g + 1],
+                        widths[g + 1],
+                        stride if i == 0 else 1,
+                        activate_before_residual=(g == 0 and i == 0),
+                    )
+                )
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(widths[3], momentum=BN_MOMENTUM)
+        self.relu = nn.LeakyReLU(0.1, inplace=True)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[3], num_classes)
+        self.num_features = widths[3]
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.xavier_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = self.relu(self.bn(self.blocks(self.conv1(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class SmallCNN(nn.Module):
+    """Five 3x3 conv layers (32-64-128 wide) with BN and LeakyReLU: the CPU demo's model."""
+
+    def __init__(self, num_classes: int, in_chans: int = 3, width: int = 32):
+        super().__init__()
+
+        def conv(i, o):
+            return [nn.Conv2d(i, o, 3, 1, 1, bias=False), nn.BatchNorm2d(o), nn.LeakyReLU(0.1, inplace=True)]
+
+        w = width
+        self.features = nn.Sequential(
+            *conv(in_chans, w), *conv(w, w), nn.MaxPool2d(2),
+            *conv(w, 2 * w), *conv(2 * w, 2 * w), nn.MaxPool2d(2),
+            *conv(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.fc = nn.Linear(4 * w, num_classes)
+        self.num_features = 4 * w
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+# name -> constructor(num_classes, in_chans)
+BUILTIN_MODELS = {
+    "wrn28_2": lambda c, i: WideResNet(c, 28, 2, i),
+    "wrn28_8": lambda c, i: WideResNet(c, 28, 8, i),
+    "small_cnn": lambda c, i: SmallCNN(c, i),
+}
+
+
+def create_model(name: str, num_classes: int, in_chans: int = 3) -> nn.Module:
+    """A built-in model by name, else a timm model (random init; weights are trained here)."""
+    if name in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name](num_classes, in_chans)
+    if not timm.is_model(name):
+        raise UsageError(
+            f"--model {name!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a timm model name"
+        )
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
