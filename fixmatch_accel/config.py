@@ -1,0 +1,157 @@
+"""Every knob of a run in one dataclass; the command line is generated from it.
+
+Order of precedence, lowest first: the field defaults (the paper's settings), the
+built-in demo (only when no dataset is named), then flags given on the command
+line. `config.json` records where each value came from.
+"""
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from .errors import UsageError
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata=dict(help=help, **kw))
+
+
+@dataclass
+class TrainConfig:
+    # Data
+    dataset_name: Optional[str] = _f(None, "Hub dataset id, local dataset folder, or 'digits' (scikit-learn's, no download). Default: the built-in demo when no dataset is named.")
+    dataset_config_name: Optional[str] = _f(None, "Dataset configuration name (the `name` argument of datasets.load_dataset).")
+    train_dir: Optional[str] = _f(None, "Image folder for training, one subfolder per class (datasets' imagefolder builder).")
+    validation_dir: Optional[str] = _f(None, "Image folder for evaluation, one subfolder per class.")
+    image_column_name: Optional[str] = _f(None, "Image column; default: the one column of feature type Image.")
+    label_column_name: Optional[str] = _f(None, "Label column; default: the one column of feature type ClassLabel.")
+    train_split: str = _f("train", "Split holding the labeled pool and the unlabeled data.")
+    eval_split: Optional[str] = _f(None, "Evaluation split; default: 'validation', else 'test'.")
+    max_train_samples: Optional[int] = _f(None, "Use only the first N rows of the train split (for debugging).")
+    max_eval_samples: Optional[int] = _f(None, "Use only the first N rows of the eval split (for debugging).")
+    num_labeled: int = _f(4000, "Total labeled examples, class-balanced (num_labeled / num_classes per class).")
+    labeled_split_file: Optional[str] = _f(None, "Reuse the labeled indices of a saved labeled_split.json instead of drawing them.")
+    image_size: Optional[int] = _f(None, "Square side in pixels that every image is resized to; default: the first training image's size.")
+    dataloader_num_workers: int = _f(4, "DataLoader worker processes per training process (capped by the CPU count).")
+
+    # Model
+    model: str = _f("wrn28_2", "wrn28_2, wrn28_8, small_cnn, or any timm model name (random init).")
+
+    # FixMatch
+    per_device_train_batch_size: int = _f(64, "Labeled images per process per step (B); unlabeled = mu * B.")
+    per_device_eval_batch_size: int = _f(256, "Images per process per evaluation batch.")
+    mu: int = _f(7, "Ratio of unlabeled to labeled images in a batch.")
+    threshold: float = _f(0.95, "Confidence a weak-view prediction needs to become a pseudo-label.")
+    lambda_u: float = _f(1.0, "Weight of the unlabeled loss; 0 trains on the labels alone.")
+    temperature: float = _f(1.0, "Softmax temperature for the pseudo-label distribution.")
+    strong_augment: str = _f("rand-m9-mstd0.5", "Strong augmentation: a timm RandAugment string, or 'paper' (RA with random magnitude + 16px Cutout).")
+    augment_device: Optional[str] = _f(None, "Where augmentation runs: 'cpu' (PIL/timm in DataLoader workers) or 'accelerator' (batched tensors on the training device). Default: accelerator when a GPU/TPU is used, else cpu.", choices=("cpu", "accelerator"))
+    hflip: bool = _f(True, "Random horizontal flip in the weak view (turn off for digits and text).")
+    crop_padding: Optional[int] = _f(None, "Reflect-pad-and-crop shift of the weak view in pixels; default: image_size / 8 (4 px at 32, the paper's 12.5%).")
+
+    # Optimisation
+    learning_rate: float = _f(0.03, "Peak SGD learning rate.")
+    momentum: float = _f(0.9, "SGD (Nesterov) momentum.")
+    weight_decay: float = _f(5e-4, "Weight decay on conv/linear weights (never on biases or BatchNorm).")
+    ema_decay: float = _f(0.999, "Decay of the EMA model that is evaluated and saved (warmed up as (1+t)/(10+t)).")
+    max_train_steps: int = _f(2**20, "Optimizer steps K; the cosine schedule lr*cos(7*pi*k/(16K)) spans them.")
+    mixed_precision: Optional[str] = _f(None, "no, fp16 or bf16; default: from `accelerate launch` / accelerate config.", choices=("no", "fp16", "bf16"))
+
+    # Logging, evaluation, checkpoints
+    logging_steps: int = _f(50, "Steps between metrics.jsonl rows (the only host syncs of the loop).")
+    eval_steps: int = _f(1024, "Steps between evaluations of the EMA model (and one at the end); 0: only at the end.")
+    checkpointing_steps: int = _f(4096, "Steps between checkpoints under output_dir/checkpoints; 0: none.")
+    resume_from_checkpoint: Optional[str] = _f(None, "Checkpoint folder to resume from, or 'latest' (newest in output_dir/checkpoints).")
+    output_dir: str = _f("outputs/fixmatch", "Where the run writes config.json, metrics.jsonl, checkpoints and the model.")
+    overwrite_output_dir: bool = _f(False, "Start a new run in an output_dir that holds another run's files (they are overwritten).")
+    report_to: str = _f("none", "Trackers for accelerate (tensorboard, wandb, ..., all) besides metrics.jsonl; 'none' for none.")
+    seed: int = _f(0, "Seed for the labeled split, initialisation, data order and augmentation.")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The built-in demo: scikit-learn's digits, 5 labels per class, a small CNN on a 2-core CPU.
+DEMO = dict(
+    dataset_name="digits",
+    num_labeled=50,
+    model="small_cnn",
+    image_size=16,
+    per_device_train_batch_size=16,
+    per_device_eval_batch_size=512,
+    max_train_steps=400,
+    logging_steps=20,
+    eval_steps=100,
+    checkpointing_steps=200,
+    augment_device="accelerator",  # batched tensors in memory: no workers, fast on a CPU
+    hflip=False,  # a mirrored digit is another symbol
+    crop_padding=2,
+    dataloader_num_workers=0,
+    output_dir="outputs/digits_demo",
+)
+
+
+def _arg_type(tp):
+    """(argparse type, is_bool) for a dataclass field annotation."""
+    if typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp, tp is bool
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fixmatch-train",
+        description="FixMatch semi-supervised image classification on HuggingFace Accelerate. "
+        "With no dataset named, runs a short demo on scikit-learn's digits.",
+        argument_default=argparse.SUPPRESS,  # so we can tell flags given from defaults
+    )
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        tp, is_bool = _arg_type(hints[f.name])
+        help_text = f"{f.metadata['help']} (default: {f.default!r})"
+        if is_bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(f"--{f.name}", type=tp, choices=f.metadata.get("choices"), help=help_text)
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> Tuple[TrainConfig, Dict[str, str]]:
+    """Return the resolved config and, for each field, where its value came from."""
+    given = vars(build_parser().parse_args(argv))
+    values, sources = {}, {}
+    for f in dataclasses.fields(TrainConfig):
+        values[f.name], sources[f.name] = f.default, "default"
+    if given.get("dataset_name") is None and given.get("train_dir") is None:
+        for k, v in DEMO.items():
+            values[k], sources[k] = v, "demo"
+    for k, v in given.items():
+        values[k], sources[k] = v, "flag"
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg, sources
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject settings that cannot work, naming the flag."""
+    positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "mu", "max_train_steps", "logging_steps", "num_labeled"]
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ["eval_steps", "checkpointing_steps", "dataloader_num_workers", "weight_decay", "lambda_u"]:
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"--{name} must be non-negative, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.threshold <= 1.0:
+        raise UsageError(f"--threshold must be in [0, 1], got {cfg.threshold}")
+    if cfg.temperature <= 0:
+        raise UsageError(f"--temperature must be positive, got {cfg.temperature}")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise UsageError(f"--ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.dataset_name is not None and cfg.train_dir is not None:
+        raise UsageError("give either --dataset_name or --train_dir, not both")
+    if cfg.validation_dir is not None and cfg.train_dir is None:
+        raise UsageError("--validation_dir needs --train_dir")
+    if cfg.image_size is not None and cfg.image_size < 4:
+        raise UsageError(f"--image_size must be at least 4, got {cfg.image_size}")
