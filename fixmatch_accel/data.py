@@ -94,7 +94,7 @@ def _pick_column(features, flag: str, given: Optional[str], feature_type, kind: 
 
 def load_data(cfg) -> SplitData:
     """Load the train and eval splits and find the image and label columns."""
-    from datasets import ClassLabel, Image
+    from datasets import ClassLabel, Image, Value
 
     raw = _load_raw(cfg)
     if cfg.train_split not in raw:
@@ -119,6 +119,9 @@ def load_data(cfg) -> SplitData:
     if label_col not in evaluation.features:
         raise UsageError(f"eval split {eval_split!r} has no column {label_col!r} (columns: {', '.join(evaluation.features)})")
     if not isinstance(features[label_col], ClassLabel):
+        dtype = getattr(features[label_col], "dtype", None)
+        if not isinstance(features[label_col], Value) or not (dtype.startswith(("int", "uint")) or dtype == "string"):
+            raise UsageError(f"--label_column_name {label_col!r} holds {features[label_col]}, not class labels")
         train, evaluation = _encode_labels(train, evaluation, label_col)
 
     if cfg.max_train_samples is not None:
@@ -227,7 +230,7 @@ def channel_stats(dataset, image_column: str, size: int, max_images: int = 2000,
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Rows `indices` of a datasets.Dataset as (*views, label).
+    """Rows `indices` of a datasets.Dataset as (*views, label, row index).
 
     `views` are functions PIL RGB image -> PIL image; each view becomes a uint8
     [C, H, W] tensor. With no view the decoded image itself is returned.
@@ -247,7 +250,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         row = self.dataset[self.indices[i]]
         image = to_rgb(row[self.image_column], self.size)
-        return (*(pil_to_tensor(view(image)) for view in self.views), row[self.label_column])
+        return (*(pil_to_tensor(view(image)) for view in self.views), row[self.label_column], self.indices[i])
 
 
 def repeat_to_fill(indices: List[int], batch_size: int) -> List[int]:

@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator, prepare_inputs: Callable, num_classes: int, show_progress: bool = False) -> Dict:
-    """Evaluate `model` (already in eval mode) on a prepared loader of (uint8 images, labels).
+    """Evaluate `model` (already in eval mode) on a prepared loader of (uint8 images, labels, indices).
 
     Correct counts accumulate on the device; `gather_for_metrics` drops the
     samples that the last uneven batch repeats, so each image counts once.
@@ -17,7 +17,7 @@ def evaluate(model, loader, accelerator, prepare_inputs: Callable, num_classes: 
     correct1 = torch.zeros(num_classes, device=accelerator.device)
     correct5 = torch.zeros((), device=accelerator.device)
     total = torch.zeros(num_classes, device=accelerator.device)
-    for images, labels in tqdm(loader, desc="eval", leave=False, disable=not show_progress):
+    for images, labels, _ in tqdm(loader, desc="eval", leave=False, disable=not show_progress):
         with accelerator.autocast():
             logits = model(prepare_inputs(images))
         topk = logits.float().topk(k, dim=-1).indices

@@ -1,0 +1,55 @@
+"""The generated command line: defaults, the demo, overrides, errors."""
+
+import pytest
+
+from fixmatch_accel.config import DEMO, TrainConfig, parse_args
+from fixmatch_accel.errors import UsageError
+
+
+def test_defaults_are_the_papers_when_a_dataset_is_named():
+    cfg, sources = parse_args(["--dataset_name", "uoft-cs/cifar10"])
+    assert (cfg.per_device_train_batch_size, cfg.mu, cfg.threshold, cfg.lambda_u, cfg.temperature) == (64, 7, 0.95, 1.0, 1.0)
+    assert (cfg.learning_rate, cfg.weight_decay, cfg.ema_decay, cfg.max_train_steps) == (0.03, 5e-4, 0.999, 2**20)
+    assert cfg.model == "wrn28_2" and cfg.strong_augment == "rand-m9-mstd0.5"
+    assert sources["dataset_name"] == "flag" and sources["mu"] == "default"
+
+
+def test_no_dataset_means_the_demo_and_flags_override_it():
+    cfg, sources = parse_args([])
+    assert cfg.dataset_name == "digits" and cfg.model == DEMO["model"] and sources["model"] == "demo"
+    cfg, sources = parse_args(["--lambda_u", "0", "--max_train_steps", "7", "--hflip"])
+    assert cfg.lambda_u == 0 and cfg.max_train_steps == 7 and cfg.hflip is True
+    assert sources["lambda_u"] == "flag" and sources["mu"] == "default" and sources["image_size"] == "demo"
+
+
+def test_boolean_flags():
+    assert parse_args(["--dataset_name", "x", "--no-hflip"])[0].hflip is False
+    assert parse_args(["--dataset_name", "x"])[0].hflip is True
+
+
+def test_unknown_flag_and_bad_choice_exit(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--no_such_flag", "1"])
+    assert "unrecognized arguments: --no_such_flag" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--augment_device", "gpu"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threshold", "1.5"], "--threshold must be in \\[0, 1\\], got 1.5"),
+    (["--mu", "0"], "--mu must be at least 1, got 0"),
+    (["--temperature", "0"], "--temperature must be positive"),
+    (["--dataset_name", "a", "--train_dir", "b"], "either --dataset_name or --train_dir"),
+])
+def test_invalid_values_name_the_flag(argv, message):
+    with pytest.raises(UsageError, match=message):
+        parse_args(argv)
+
+
+def test_every_field_has_help_and_a_flag():
+    from fixmatch_accel.config import build_parser
+    import dataclasses
+
+    flags = {a.dest for a in build_parser()._actions}
+    for f in dataclasses.fields(TrainConfig):
+        assert f.name in flags and f.metadata["help"]

@@ -1,0 +1,119 @@
+"""Data loading, column detection and the labeled split."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from conftest import write_image_folder
+from fixmatch_accel.config import TrainConfig
+from fixmatch_accel.data import (channel_stats, labeled_split, load_data, load_digits_dataset, repeat_to_fill,
+                                 save_labeled_split, select_labeled)
+from fixmatch_accel.errors import UsageError
+
+
+def test_select_labeled_is_balanced_and_deterministic():
+    labels = [i % 4 for i in range(400)]
+    a = select_labeled(labels, 40, 4, seed=1)
+    assert len(a) == len(set(a)) == 40
+    assert Counter(labels[i] for i in a) == {0: 10, 1: 10, 2: 10, 3: 10}
+    assert a == select_labeled(labels, 40, 4, seed=1)
+    assert a != select_labeled(labels, 40, 4, seed=2)
+
+
+def test_select_labeled_rejects_impossible_requests():
+    labels = [0] * 10 + [1] * 3
+    with pytest.raises(UsageError, match="--num_labeled 5 is not a multiple of the number of classes"):
+        select_labeled(labels, 5, 2, seed=0)
+    with pytest.raises(UsageError, match="needs 4 examples of each class, but class 1 has only 3"):
+        select_labeled(labels, 8, 2, seed=0)
+
+
+def test_digits_dataset():
+    ds = load_digits_dataset()
+    assert len(ds["train"]) == 1347 and len(ds["test"]) == 450
+    image = ds["train"][0]["image"]
+    assert image.mode == "RGB" and image.size == (8, 8)
+    assert ds["train"].features["label"].names == [str(d) for d in range(10)]
+    # Stratified: every class appears in the test split in proportion.
+    assert min(Counter(ds["test"]["label"]).values()) >= 43
+
+
+def test_split_saved_and_reloaded(tmp_path):
+    cfg = TrainConfig(dataset_name="digits", num_labeled=30, seed=3)
+    data = load_data(cfg)
+    assert data.image_column == "image" and data.label_column == "label" and data.eval_split == "test"
+    idx = labeled_split(cfg, data)
+    path = tmp_path / "labeled_split.json"
+    save_labeled_split(str(path), idx, cfg, data)
+    saved = json.loads(path.read_text())
+    assert saved["indices"] == idx and saved["seed"] == 3
+    assert set(saved["per_class"].values()) == {3}
+    again = labeled_split(TrainConfig(dataset_name="digits", labeled_split_file=str(path), seed=99), data)
+    assert again == idx
+
+
+def test_bad_split_file(tmp_path):
+    data = load_data(TrainConfig(dataset_name="digits"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"indices": [0, 99999]}')
+    with pytest.raises(UsageError, match="--labeled_split_file .*indices must be integers in"):
+        labeled_split(TrainConfig(labeled_split_file=str(bad)), data)
+    with pytest.raises(UsageError, match="--labeled_split_file .*no such file"):
+        labeled_split(TrainConfig(labeled_split_file=str(tmp_path / "missing.json")), data)
+
+
+def test_columns_detected_on_cifar10(cifar10_path):
+    data = load_data(TrainConfig(dataset_name=str(cifar10_path), max_train_samples=100, max_eval_samples=10))
+    assert (data.image_column, data.label_column, data.eval_split) == ("img", "label", "test")
+    assert data.class_names[0] == "airplane" and data.num_classes == 10
+    assert len(data.train) == 100 and len(data.eval) == 10
+
+
+def test_columns_named_explicitly(cifar10_path):
+    with pytest.raises(UsageError, match="--image_column_name 'image': no such column \\(columns: img, label\\)"):
+        load_data(TrainConfig(dataset_name=str(cifar10_path), image_column_name="image"))
+    with pytest.raises(UsageError, match="--label_column_name 'img' holds"):
+        load_data(TrainConfig(dataset_name=str(cifar10_path), label_column_name="img"))
+
+
+def test_image_folders(tmp_path):
+    write_image_folder(tmp_path / "train")
+    write_image_folder(tmp_path / "val", per_class=2, seed=1)
+    data = load_data(TrainConfig(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "val")))
+    assert data.class_names == ["cat", "dog", "frog"]
+    assert len(data.train) == 24 and len(data.eval) == 6 and data.eval_split == "validation"
+    mean, std = channel_stats(data.train, data.image_column, 12)
+    assert len(mean) == 3 and all(0.1 < m < 0.9 for m in mean) and all(s > 0.05 for s in std)
+
+
+def test_missing_inputs_name_the_flag(tmp_path):
+    with pytest.raises(UsageError, match="--train_dir .*no such folder"):
+        load_data(TrainConfig(train_dir=str(tmp_path / "nope")))
+    with pytest.raises(UsageError, match="--dataset_name .*no such folder"):
+        load_data(TrainConfig(dataset_name=str(tmp_path / "nope")))
+    with pytest.raises(UsageError, match="--eval_split 'dev': no such split \\(splits: train, test\\)"):
+        load_data(TrainConfig(dataset_name="digits", eval_split="dev"))
+    write_image_folder(tmp_path / "train")
+    with pytest.raises(UsageError, match="no 'validation' or 'test' split .*--validation_dir"):
+        load_data(TrainConfig(train_dir=str(tmp_path / "train")))
+
+
+def test_repeat_to_fill():
+    assert repeat_to_fill([1, 2, 3], 2) == [1, 2, 3]
+    assert repeat_to_fill([1, 2, 3], 7) == [1, 2, 3] * 3
+
+
+def test_plain_integer_labels_become_classes(tmp_path):
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    features = Features({"picture": Image(), "y": Value("int64")})
+    for split, ys in (("train", [3, 7, 7, 3, 9, 9]), ("test", [9, 3])):
+        images = [PILImage.new("RGB", (8, 8), (10 * y, 0, 0)) for y in ys]
+        Dataset.from_dict({"picture": images, "y": ys}, features=features).to_parquet(str(tmp_path / f"{split}.parquet"))
+    with pytest.raises(UsageError, match="found no ClassLabel columns among picture, y: name one with --label_column_name"):
+        load_data(TrainConfig(dataset_name=str(tmp_path)))
+    data = load_data(TrainConfig(dataset_name=str(tmp_path), label_column_name="y"))
+    assert data.class_names == ["3", "7", "9"]
+    assert data.train["y"] == [0, 1, 1, 0, 2, 2] and data.eval["y"] == [2, 0]
