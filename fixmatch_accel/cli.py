@@ -1,0 +1,24 @@
+"""`fixmatch-train` / `python train.py`: parse the flags, run, turn input errors into one line."""
+
+import sys
+from typing import List, Optional
+
+from .errors import UsageError
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .config import parse_args
+
+    try:
+        cfg, sources = parse_args(argv)
+        from .trainer import train  # imported late so `--help` stays fast
+
+        train(cfg, sources)
+    except UsageError as e:
+        print(f"fixmatch-train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,415 @@
+"""The Accelerate training loop: setup, the FixMatch step, logging, evaluation, checkpoints.
+
+`train(cfg)` is the only place that decides the order of things.
+"""
+
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+from functools import partial
+from typing import Dict, List, Optional
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import augment
+from .config import TrainConfig
+from .data import (ImageDataset, channel_stats, labeled_split, load_data, native_size, repeat_to_fill,
+                   save_labeled_split)
+from .ema import ModelEMA
+from .errors import UsageError
+from .evaluate import evaluate
+from .fixmatch import fixmatch_loss
+from .models import create_model
+
+# Files that mark an output_dir as holding a run.
+RUN_FILES = ("metrics.jsonl", "checkpoints", "model.safetensors")
+
+
+def cosine_lr_factor(step: int, total_steps: int) -> float:
+    """The paper's schedule: lr(k) = lr * cos(7 * pi * k / (16 * K)); ends at cos(7pi/16) ~ 0.195."""
+    return math.cos(7.0 * math.pi * step / (16.0 * total_steps))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]:
+    """Weight decay on conv and linear weights only; biases and BatchNorm (ndim <= 1) get none."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+class TrainState:
+    """Step counter and data positions, saved in every checkpoint."""
+
+    def __init__(self):
+        self.step = 0
+        self.positions: Dict[str, List[int]] = {}
+
+    def state_dict(self):
+        return {"step": self.step, "positions": dict(self.positions)}
+
+    def load_state_dict(self, state):
+        self.step = int(state["step"])
+        self.positions = {k: list(v) for k, v in state["positions"].items()}
+
+
+class GeneratorState:
+    """Makes a torch.Generator checkpointable alongside accelerate's own RNG states."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def state_dict(self):
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["state"])
+
+
+def endless(loader, name: str, state: TrainState, accelerator):
+    """Yield batches forever, a new shuffle each pass (set_epoch), resuming mid-pass from `state`."""
+    epoch, done = state.positions.get(name, [0, 0])
+    while True:
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, done) if done else loader
+        for batch in batches:
+            done += 1
+            state.positions[name] = [epoch, done]
+            yield batch
+        epoch, done = epoch + 1, 0
+        state.positions[name] = [epoch, done]
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """Newest complete checkpoint: only renamed `step_N` folders count, never `.tmp` ones."""
+    root = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    steps = [int(m.group(1)) for d in os.listdir(root) if (m := re.fullmatch(r"step_(\d+)", d))]
+    return os.path.join(root, f"step_{max(steps)}") if steps else None
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int) -> str:
+    """Write to a temporary folder, then rename, so a kill mid-write never leaves a half checkpoint."""
+    final = os.path.join(output_dir, "checkpoints", f"step_{step}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process and os.path.isdir(tmp):
+        shutil.rmtree(tmp)  # an interrupted write of this very step: incomplete by construction
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.isdir(final):  # the same step saved before a resume: keep the older copy aside
+            os.replace(final, f"{final}.replaced_{int(time.time())}")
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _resolve_resume(cfg: TrainConfig) -> Optional[str]:
+    if cfg.resume_from_checkpoint is None:
+        return None
+    if cfg.resume_from_checkpoint == "latest":
+        path = latest_checkpoint(cfg.output_dir)
+        if path is None:
+            raise UsageError(f"--resume_from_checkpoint latest: no checkpoint under {cfg.output_dir}/checkpoints")
+        return path
+    if not os.path.isdir(cfg.resume_from_checkpoint):
+        raise UsageError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint!r}: no such folder")
+    return cfg.resume_from_checkpoint
+
+
+def _check_output_dir(cfg: TrainConfig, resuming: bool) -> None:
+    present = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.output_dir, f))]
+    if present and not resuming and not cfg.overwrite_output_dir:
+        raise UsageError(
+            f"--output_dir {cfg.output_dir!r} already holds a run ({', '.join(present)}): "
+            "resume it with --resume_from_checkpoint latest, choose another --output_dir, or pass --overwrite_output_dir"
+        )
+
+
+def _make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator, DataLoaderConfiguration
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # A multi-process launch on a machine without GPUs must use gloo on the CPU;
+    # otherwise every process would train alone, believing it is the only one.
+    cpu = world_size > 1 and not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_XLA") is None
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_dir=cfg.output_dir,
+        # The schedule counts optimizer steps, whatever the number of processes.
+        step_scheduler_with_optimizer=False,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if accelerator.num_processes != world_size:
+        raise UsageError(
+            f"the launcher started {world_size} processes but accelerate sees {accelerator.num_processes}: "
+            "on a machine without GPUs launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N"
+        )
+    return accelerator
+
+
+def _versions() -> Dict[str, str]:
+    import accelerate
+    import datasets
+    import timm
+
+    return dict(python=platform.python_version(), torch=torch.__version__, accelerate=accelerate.__version__,
+                datasets=datasets.__version__, timm=timm.__version__)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """metrics.jsonl on the main process, mirrored to accelerate's trackers."""
+
+    def __init__(self, accelerator, path: str, append: bool):
+        self.accelerator = accelerator
+        self.file = open(path, "a" if append else "w") if accelerator.is_main_process else None
+
+    def write(self, row: Dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        self.accelerator.log(scalars, step=row["step"])
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+# Order of the statistics in the one flat tensor that is all-reduced at logging steps.
+SUMMED = ("loss", "loss_x", "loss_u", "mask_count", "num_unlabeled", "pseudo_label_correct")
+
+
+def _summarise(sums: Dict[str, torch.Tensor], steps: int, accelerator) -> Dict:
+    """All-reduce the window's sums and turn them into one log row (the host sync of a logging step)."""
+    flat = torch.cat([torch.stack([sums[k] for k in SUMMED]), sums["mask_per_class"]])
+    flat = accelerator.reduce(flat, reduction="sum").tolist()
+    loss, loss_x, loss_u, masked, unlabeled, correct = flat[: len(SUMMED)]
+    n = steps * accelerator.num_processes
+    return dict(
+        loss=loss / n, loss_x=loss_x / n, loss_u=loss_u / n,
+        mask_ratio=masked / max(unlabeled, 1.0),
+        pseudo_label_acc=correct / max(masked, 1.0),
+        mask_per_class=[int(c) for c in flat[len(SUMMED):]],
+    )
+
+
+def build_loaders(cfg: TrainConfig, data, labeled_idx: List[int], size: int, pad: int, augment_device: str,
+                  world: int, pin_memory: bool = False):
+    """Labeled (B), unlabeled (mu*B) and eval loaders, not yet prepared.
+
+    Items are (uint8 views..., label, row index). On the CPU path the workers
+    make the weak / strong views; on the accelerator path they only decode.
+    """
+    B, U = cfg.per_device_train_batch_size, cfg.mu * cfg.per_device_train_batch_size
+    columns = (data.image_column, data.label_column)
+    if augment_device == "cpu":
+        weak = augment.weak_transform(size, hflip=cfg.hflip, pad=pad)
+        strong = augment.strong_transform(size, cfg.strong_augment, hflip=cfg.hflip, pad=pad)
+        labeled_views, unlabeled_views = [weak], [weak, strong]
+    else:
+        labeled_views, unlabeled_views = [], []
+    labeled_ds = ImageDataset(data.train, repeat_to_fill(labeled_idx, B * world), *columns, size, labeled_views)
+    unlabeled_ds = ImageDataset(data.train, repeat_to_fill(list(range(len(data.train))), U * world), *columns, size,
+                                unlabeled_views)
+    eval_ds = ImageDataset(data.eval, range(len(data.eval)), *columns, size)
+    workers = min(cfg.dataloader_num_workers, os.cpu_count() or 1)
+    loader = partial(DataLoader, num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+    return (loader(labeled_ds, batch_size=B, shuffle=True, drop_last=True),
+            loader(unlabeled_ds, batch_size=U, shuffle=True, drop_last=True),
+            loader(eval_ds, batch_size=cfg.per_device_eval_batch_size, shuffle=False))
+
+
+def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
+    """Run FixMatch as configured; return the final evaluation."""
+    from accelerate.utils import set_seed
+
+    try:
+        augment.parse_strong_augment(cfg.strong_augment)  # fail before any data is read
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    resume_path = _resolve_resume(cfg)
+    _check_output_dir(cfg, resuming=resume_path is not None)
+    accelerator = _make_accelerator(cfg)
+    is_main = accelerator.is_main_process
+    set_seed(cfg.seed)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+
+    # ---- Data: splits, labeled subset, image size, normalisation.
+    with accelerator.main_process_first():
+        data = load_data(cfg)
+    labeled_idx = labeled_split(cfg, data)
+    if is_main:
+        save_labeled_split(os.path.join(cfg.output_dir, "labeled_split.json"), labeled_idx, cfg, data)
+    size = cfg.image_size or native_size(data.train, data.image_column)
+    pad = cfg.crop_padding if cfg.crop_padding is not None else max(1, size // 8)
+    mean, std = channel_stats(data.train, data.image_column, size, seed=cfg.seed)
+    device = accelerator.device
+    augment_device = cfg.augment_device or ("cpu" if device.type == "cpu" else "accelerator")
+
+    B, U = cfg.per_device_train_batch_size, cfg.mu * cfg.per_device_train_batch_size
+    world = accelerator.num_processes
+    labeled_loader, unlabeled_loader, eval_loader = build_loaders(
+        cfg, data, labeled_idx, size, pad, augment_device, world, pin_memory=device.type == "cuda")
+
+    # ---- Model, optimizer, schedule, EMA.
+    model = create_model(cfg.model, data.num_classes)
+    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
+                                momentum=cfg.momentum, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(cosine_lr_factor, total_steps=cfg.max_train_steps))
+    model, optimizer, scheduler, labeled_loader, unlabeled_loader, eval_loader = accelerator.prepare(
+        model, optimizer, scheduler, labeled_loader, unlabeled_loader, eval_loader)
+    live_model = accelerator.unwrap_model(model)
+    ema = ModelEMA(live_model, cfg.ema_decay)
+    ema.module.to(device)  # the EMA copy is never prepared: it is evaluated and saved as it is
+    state = TrainState()
+    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + accelerator.process_index)
+    for obj in (ema, state, GeneratorState(generator)):
+        accelerator.register_for_checkpointing(obj)
+
+    if resume_path is not None:
+        try:
+            accelerator.load_state(resume_path)
+        except Exception as e:  # any unreadable or mismatched checkpoint is the user's to know about
+            raise UsageError(f"--resume_from_checkpoint {resume_path!r}: cannot load ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        accelerator.print(f"resumed from {resume_path} at step {state.step}")
+
+    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+
+    def normalize(images_u8):
+        return augment.normalize_batch(images_u8, mean_t, std_t)
+
+    # The views of one step, chosen once here rather than branched on in the loop.
+    if augment_device == "cpu":
+        def views(batch_x, batch_u):
+            (x, y, _), (u_w, u_s, u_y, _) = batch_x, batch_u
+            return x, y, u_w, u_s, u_y
+    else:
+        def views(batch_x, batch_u):
+            (x, y, _), (u, u_y, _) = batch_x, batch_u
+            u_w = augment.weak_batch(u, hflip=cfg.hflip, pad=pad, generator=generator)
+            x = augment.weak_batch(x, hflip=cfg.hflip, pad=pad, generator=generator)
+            return x, y, u_w, augment.strong_batch(u_w, config=cfg.strong_augment, generator=generator), u_y
+
+    # ---- What the run leaves: config.json (timm-style model keys + every setting), metrics.jsonl.
+    if is_main:
+        _write_json(os.path.join(cfg.output_dir, "config.json"), dict(
+            architecture=cfg.model,
+            num_classes=data.num_classes,
+            label_names=data.class_names,
+            pretrained_cfg=dict(input_size=[3, size, size], mean=mean, std=std, num_classes=data.num_classes),
+            settings=cfg.to_dict(),
+            setting_sources=sources or {},
+            resolved=dict(image_size=size, crop_padding=pad, augment_device=augment_device, eval_split=data.eval_split,
+                          image_column=data.image_column, label_column=data.label_column,
+                          num_train=len(data.train), num_eval=len(data.eval), num_labeled=len(labeled_idx)),
+            world_size=world,
+            global_batch=dict(labeled=B * world, unlabeled=U * world),
+            mixed_precision=accelerator.mixed_precision,
+            device=str(device),
+            versions=_versions(),
+        ))
+    if cfg.report_to != "none":
+        accelerator.init_trackers("fixmatch", config={k: v for k, v in cfg.to_dict().items() if v is not None})
+    metrics = MetricsLog(accelerator, os.path.join(cfg.output_dir, "metrics.jsonl"), append=resume_path is not None)
+
+    labeled_iter = endless(labeled_loader, "labeled", state, accelerator)
+    unlabeled_iter = endless(unlabeled_loader, "unlabeled", state, accelerator)
+    eval_inputs = normalize
+
+    def run_eval(step: int) -> Dict:
+        result = evaluate(ema.module, eval_loader, accelerator, eval_inputs, data.num_classes, show_progress=is_main and sys.stderr.isatty())
+        metrics.write(dict(step=step, top1=result["top1"], top5=result["top5"], per_class=result["per_class"]))
+        return result
+
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=cfg.max_train_steps, initial=state.step, desc="fixmatch", disable=not (is_main and tty),
+               dynamic_ncols=True)
+    sums: Dict[str, torch.Tensor] = {}
+    window_steps, window_start = 0, time.perf_counter()
+    result = None
+    model.train()
+    while state.step < cfg.max_train_steps:
+        # Batch: B labeled and mu*B unlabeled images (uint8), weak and strong views.
+        x, y, u_w, u_s, u_y = views(next(labeled_iter), next(unlabeled_iter))
+        # Forward: one pass over all three views, so BatchNorm sees the whole batch.
+        inputs = normalize(torch.cat([x, u_w, u_s]))
+        with accelerator.autocast():
+            logits = model(inputs)
+        logits_x = logits[: x.shape[0]]
+        logits_u_w, logits_u_s = logits[x.shape[0]:].chunk(2)
+        loss, stats = fixmatch_loss(logits_x, y, logits_u_w, logits_u_s, threshold=cfg.threshold,
+                                    temperature=cfg.temperature, lambda_u=cfg.lambda_u, targets_u=u_y)
+        # Backward, optimizer step, schedule, EMA.
+        accelerator.backward(loss)
+        optimizer.step()
+        lr = scheduler.get_last_lr()[0]  # the rate this step used (a Python float, no sync)
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(live_model, state.step)
+        state.step += 1
+        bar.update(1)
+        # Statistics stay on the device until a logging step.
+        for k in (*SUMMED, "mask_per_class"):
+            sums[k] = sums[k] + stats[k] if k in sums else stats[k].clone()
+        window_steps += 1
+        step = state.step
+
+        if step % cfg.logging_steps == 0 or step == cfg.max_train_steps:
+            row = _summarise(sums, window_steps, accelerator)  # host sync: once per logging step
+            elapsed = time.perf_counter() - window_start
+            row = dict(step=step, lr=lr,
+                       images_per_s=(B + U) * world * window_steps / max(elapsed, 1e-9),
+                       labeled_seen=step * B * world, unlabeled_seen=step * U * world, **row)
+            metrics.write(row)
+            if tty:
+                bar.set_postfix(loss=f"{row['loss']:.3f}", mask=f"{row['mask_ratio']:.2f}",
+                                pl_acc=f"{row['pseudo_label_acc']:.2f}", img_s=f"{row['images_per_s']:.0f}")
+            else:
+                accelerator.print(f"step {step}/{cfg.max_train_steps} loss {row['loss']:.4f} "
+                                  f"loss_u {row['loss_u']:.4f} mask {row['mask_ratio']:.3f} "
+                                  f"pl_acc {row['pseudo_label_acc']:.3f} lr {row['lr']:.5f} "
+                                  f"img/s {row['images_per_s']:.0f}", flush=True)
+            sums, window_steps, window_start = {}, 0, time.perf_counter()
+        if cfg.eval_steps and step % cfg.eval_steps == 0 and step != cfg.max_train_steps:
+            result = run_eval(step)
+            accelerator.print(f"step {step}: EMA top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}")
+        if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+            save_checkpoint(accelerator, cfg.output_dir, step)
+    bar.close()
+
+    # ---- End: final evaluation, final checkpoint, the EMA model.
+    result = run_eval(state.step)
+    if cfg.checkpointing_steps and state.step % cfg.checkpointing_steps:
+        save_checkpoint(accelerator, cfg.output_dir, state.step)
+    accelerator.wait_for_everyone()
+    accelerator.save_model(ema.module, cfg.output_dir)  # model.safetensors, main process only
+    if is_main:
+        _write_json(os.path.join(cfg.output_dir, "eval_results.json"),
+                    dict(result, step=state.step, eval_split=data.eval_split,
+                         per_class=dict(zip(data.class_names, result["per_class"]))))
+    metrics.close()
+    accelerator.end_training()
+    accelerator.print(f"final EMA model: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}% "
+                      f"on {result['num_eval']} {data.eval_split} images -> {cfg.output_dir}")
+    return result

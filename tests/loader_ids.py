@@ -1,0 +1,29 @@
+"""Launched by test_e2e under two processes: record the row ids each process draws in one pass.
+
+Uses the trainer's own loader construction and accelerate's prepare, so it checks
+exactly the sharding that training uses.
+"""
+
+import json
+import sys
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+
+from fixmatch_accel.config import parse_args
+from fixmatch_accel.data import load_data
+from fixmatch_accel.trainer import build_loaders
+
+out_path, argv = sys.argv[1], sys.argv[2:]
+cfg, _ = parse_args(argv)
+accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+data = load_data(cfg)
+labeled, unlabeled, _ = build_loaders(cfg, data, list(range(0, len(data.train), 7)), cfg.image_size, 2,
+                                      "accelerator", accelerator.num_processes)
+labeled, unlabeled = accelerator.prepare(labeled, unlabeled)
+ids = {}
+for name, loader in (("labeled", labeled), ("unlabeled", unlabeled)):
+    loader.set_epoch(0)
+    ids[name] = torch.cat([batch[-1] for batch in loader]).tolist()
+with open(f"{out_path}.{accelerator.process_index}", "w") as f:
+    json.dump(dict(ids, world=accelerator.num_processes, num_train=len(data.train)), f)

@@ -1,0 +1,163 @@
+"""End-to-end runs of train.py in real processes, checked by the files they leave."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_train, write_image_folder
+from fixmatch_accel.models import create_model
+
+TINY_DIGITS = ["--dataset_name", "digits", "--model", "small_cnn", "--image_size", "8", "--num_labeled", "20",
+               "--per_device_train_batch_size", "4", "--mu", "2", "--dataloader_num_workers", "0",
+               "--logging_steps", "2", "--eval_steps", "4", "--checkpointing_steps", "3", "--max_eval_samples", "64"]
+
+
+def read_metrics(out: Path):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r], [r for r in rows if "top1" in r]
+
+
+def check_ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_tiny_digits_run_leaves_everything(tmp_path):
+    out = tmp_path / "run"
+    result = run_train(TINY_DIGITS + ["--max_train_steps", "6", "--output_dir", out, "--augment_device", "accelerator"])
+    check_ok(result)
+    assert "final EMA model: top-1" in result.stdout
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architecture"] == "small_cnn" and cfg["num_classes"] == 10 and cfg["world_size"] == 1
+    assert cfg["settings"]["mu"] == 2 and cfg["setting_sources"]["mu"] == "flag"
+    assert cfg["global_batch"] == {"labeled": 4, "unlabeled": 8}
+    assert cfg["pretrained_cfg"]["input_size"] == [3, 8, 8] and len(cfg["pretrained_cfg"]["mean"]) == 3
+    split = json.loads((out / "labeled_split.json").read_text())
+    assert len(split["indices"]) == 20 and set(split["per_class"].values()) == {2}
+
+    train_rows, eval_rows = read_metrics(out)
+    assert [r["step"] for r in train_rows] == [2, 4, 6]
+    for r in train_rows:
+        for key in ("loss", "loss_x", "loss_u", "mask_ratio", "pseudo_label_acc", "lr", "images_per_s"):
+            assert isinstance(r[key], float), key
+        assert 0 <= r["mask_ratio"] <= 1 and r["loss"] == pytest.approx(r["loss_x"] + r["loss_u"], rel=1e-5)
+    # lr logged is the rate each step used: the cosine at step k-1.
+    assert train_rows[-1]["lr"] == pytest.approx(0.03 * math.cos(7 * math.pi * 5 / (16 * 6)))
+    assert [r["step"] for r in eval_rows] == [4, 6]
+    assert 0 <= eval_rows[-1]["top1"] <= 100 and len(eval_rows[-1]["per_class"]) == 10
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["top1"] == eval_rows[-1]["top1"] and results["num_eval"] == 64
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_3", "step_6"]
+
+    # The saved EMA weights load strictly into the model they came from.
+    model = create_model(cfg["architecture"], cfg["num_classes"])
+    model.load_state_dict(load_file(out / "model.safetensors"))
+
+
+def test_resume_continues_and_refuses_to_clobber(tmp_path):
+    out = tmp_path / "run"
+    check_ok(run_train(TINY_DIGITS + ["--max_train_steps", "4", "--output_dir", out]))
+    again = run_train(TINY_DIGITS + ["--max_train_steps", "8", "--output_dir", out])
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
+    resumed = run_train(TINY_DIGITS + ["--max_train_steps", "8", "--output_dir", out,
+                                       "--resume_from_checkpoint", "latest"])
+    check_ok(resumed)
+    assert "resumed from" in resumed.stdout and "step_4" in resumed.stdout
+    train_rows, _ = read_metrics(out)
+    assert [r["step"] for r in train_rows] == [2, 4, 6, 8]
+    assert (out / "checkpoints" / "step_6").is_dir()
+
+
+def test_cpu_augmentation_path_on_cifar10_with_wrn(tmp_path, cifar10_path):
+    out = tmp_path / "run"
+    result = run_train(["--dataset_name", cifar10_path, "--max_train_samples", "200", "--max_eval_samples", "40",
+                        "--num_labeled", "20", "--per_device_train_batch_size", "2", "--mu", "2",
+                        "--max_train_steps", "3", "--logging_steps", "1", "--eval_steps", "0",
+                        "--checkpointing_steps", "0", "--augment_device", "cpu", "--dataloader_num_workers", "1",
+                        "--output_dir", out])
+    check_ok(result)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architecture"] == "wrn28_2" and cfg["label_names"][0] == "airplane"
+    assert cfg["resolved"]["image_size"] == 32 and cfg["resolved"]["crop_padding"] == 4
+    assert cfg["resolved"]["augment_device"] == "cpu"
+    train_rows, eval_rows = read_metrics(out)
+    assert len(train_rows) == 3 and eval_rows[-1]["step"] == 3
+    assert not (out / "checkpoints").exists()
+
+
+def test_image_folder_with_a_timm_model(tmp_path):
+    write_image_folder(tmp_path / "train", per_class=10)
+    write_image_folder(tmp_path / "val", per_class=3, seed=1)
+    out = tmp_path / "run"
+    result = run_train(["--train_dir", tmp_path / "train", "--validation_dir", tmp_path / "val",
+                        "--model", "resnet10t", "--num_labeled", "6", "--per_device_train_batch_size", "3",
+                        "--mu", "2", "--max_train_steps", "2", "--logging_steps", "1", "--checkpointing_steps", "0",
+                        "--dataloader_num_workers", "0", "--output_dir", out])
+    check_ok(result)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["label_names"] == ["cat", "dog", "frog"] and cfg["resolved"]["eval_split"] == "validation"
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["num_eval"] == 9 and set(results["per_class"]) == {"cat", "dog", "frog"}
+    import timm
+    model = timm.create_model("resnet10t", num_classes=3)
+    model.load_state_dict(load_file(out / "model.safetensors"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dataset_name", "/nonexistent/dataset"], "--dataset_name '/nonexistent/dataset': no such folder"),
+    (["--image_column_name", "pixels"], "--image_column_name 'pixels': no such column"),
+    (["--num_labeled", "15"], "--num_labeled 15 is not a multiple of the number of classes (10)"),
+    (["--num_labeled", "5000"], "--num_labeled 5000 needs 500 examples of each class"),
+    (["--model", "not_a_model"], "--model 'not_a_model' is neither a built-in model"),
+    (["--strong_augment", "rand-zz"], "--strong_augment"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, extra, message):
+    result = run_train(TINY_DIGITS + ["--output_dir", tmp_path / "run", "--max_train_steps", "1"] + extra)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("fixmatch-train: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+
+
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "launch_configs" / "multi_cpu.yaml")]
+
+
+def test_two_processes_shard_the_data(tmp_path):
+    out = tmp_path / "ids"
+    cmd = ACCELERATE + [str(ROOT / "tests" / "loader_ids.py"), str(out), "--dataset_name", "digits",
+                        "--image_size", "8", "--per_device_train_batch_size", "4", "--mu", "4",
+                        "--dataloader_num_workers", "0"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 for r in ranks)
+    for name, batch in (("labeled", 4), ("unlabeled", 16)):
+        a, b = set(ranks[0][name]), set(ranks[1][name])
+        assert a and b and not a & b, name  # disjoint
+        assert len(ranks[0][name]) == len(ranks[1][name])
+    # One pass covers the unlabeled set except the remainder of the last global batch (drop_last).
+    covered = set(ranks[0]["unlabeled"]) | set(ranks[1]["unlabeled"])
+    assert len(covered) > ranks[0]["num_train"] - 2 * 16
+
+
+def test_two_process_training_logs_global_statistics(tmp_path):
+    out = tmp_path / "run"
+    result = run_train(TINY_DIGITS + ["--max_train_steps", "4", "--output_dir", out, "--threshold", "0"],
+                       launcher=ACCELERATE, timeout=300)
+    check_ok(result)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["world_size"] == 2 and cfg["global_batch"] == {"labeled": 8, "unlabeled": 16}
+    train_rows, eval_rows = read_metrics(out)
+    # threshold 0 masks every unlabeled image: the per-class counts of a 2-step window must add up to
+    # both processes' images (2 steps x 8 per process x 2 processes), not one process's.
+    for r in train_rows:
+        assert r["mask_ratio"] == 1.0 and sum(r["mask_per_class"]) == 2 * 8 * 2
+        assert r["labeled_seen"] == r["step"] * 8
+    assert eval_rows[-1]["step"] == 4
+    assert json.loads((out / "eval_results.json").read_text())["num_eval"] == 64  # gathered once, no duplicates
