@@ -261,3 +261,46 @@ def repeat_to_fill(indices: List[int], batch_size: int) -> List[int]:
     """
     reps = -(-batch_size // len(indices))
     return indices * reps
+
+
+class DecodedImages(torch.utils.data.Dataset):
+    """A split decoded once into one uint8 tensor [N, C, H, W], served by index.
+
+    `__getitems__` lets the DataLoader fetch a whole batch with one tensor index
+    instead of collating one sample at a time; pair it with `collate=batch_identity`.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: Sequence[int]):
+        self.images, self.labels = images, labels
+        self.indices = torch.as_tensor(list(indices), dtype=torch.long)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        j = self.indices[i]
+        return self.images[j], self.labels[j], j
+
+    def __getitems__(self, batch: List[int]):
+        rows = self.indices[torch.as_tensor(batch, dtype=torch.long)]
+        return self.images[rows], self.labels[rows], rows
+
+
+def batch_identity(batch):
+    """collate_fn for DecodedImages: its __getitems__ already returns the batch."""
+    return batch
+
+
+def decode_split(dataset, image_column: str, label_column: str, size: int, num_workers: int = 0,
+                 show_progress: bool = False):
+    """Decode a whole split (any mode, any size) into (uint8 [N, 3, size, size], int64 [N]) tensors."""
+    from tqdm.auto import tqdm
+
+    source = ImageDataset(dataset, range(len(dataset)), image_column, label_column, size)
+    loader = torch.utils.data.DataLoader(source, batch_size=256, num_workers=num_workers)
+    images = torch.empty(len(dataset), 3, size, size, dtype=torch.uint8)
+    labels = torch.empty(len(dataset), dtype=torch.long)
+    for batch_images, batch_labels, rows in tqdm(loader, desc="decoding", disable=not show_progress, leave=False):
+        images[rows] = batch_images
+        labels[rows] = batch_labels
+    return images, labels
