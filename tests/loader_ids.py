@@ -9,6 +9,7 @@ import sys
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
 
 from fixmatch_accel.config import parse_args
 from fixmatch_accel.data import load_data
@@ -17,6 +18,7 @@ from fixmatch_accel.trainer import build_loaders
 out_path, argv = sys.argv[1], sys.argv[2:]
 cfg, _ = parse_args(argv)
 accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+set_seed(cfg.seed)  # as the trainer does: every process must draw the same permutation to shard it
 data = load_data(cfg)
 labeled, unlabeled, _ = build_loaders(cfg, data, list(range(0, len(data.train), 7)), cfg.image_size, 2,
                                       "accelerator", accelerator.num_processes)
