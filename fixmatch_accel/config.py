@@ -48,6 +48,7 @@ class TrainConfig:
     temperature: float = _f(1.0, "Softmax temperature for the pseudo-label distribution.")
     strong_augment: str = _f("rand-m9-mstd0.5", "Strong augmentation: a timm RandAugment string, or 'paper' (RA with random magnitude + 16px Cutout).")
     augment_device: Optional[str] = _f(None, "Where augmentation runs: 'cpu' (PIL/timm in DataLoader workers) or 'accelerator' (batched tensors on the training device). Default: accelerator when a GPU/TPU is used, else cpu.", choices=("cpu", "accelerator"))
+    cache_decoded: Optional[bool] = _f(None, "Decode the train and eval splits once into uint8 tensors in memory (accelerator augmentation only); default: on when the train split takes under 4 GiB decoded.")
     hflip: bool = _f(True, "Random horizontal flip in the weak view (turn off for digits and text).")
     crop_padding: Optional[int] = _f(None, "Reflect-pad-and-crop shift of the weak view in pixels; default: image_size / 8 (4 px at 32, the paper's 12.5%).")
 
@@ -57,6 +58,8 @@ class TrainConfig:
     weight_decay: float = _f(5e-4, "Weight decay on conv/linear weights (never on biases or BatchNorm).")
     ema_decay: float = _f(0.999, "Decay of the EMA model that is evaluated and saved (warmed up as (1+t)/(10+t)).")
     max_train_steps: int = _f(2**20, "Optimizer steps K; the cosine schedule lr*cos(7*pi*k/(16K)) spans them.")
+    compile: bool = _f(False, "torch.compile the augmentation + forward + loss (one graph without host syncs).")
+    channels_last: Optional[bool] = _f(None, "channels_last memory layout for model and inputs; default: on for CUDA.")
     mixed_precision: Optional[str] = _f(None, "no, fp16 or bf16; default: from `accelerate launch` / accelerate config.", choices=("no", "fp16", "bf16"))
 
     # Logging, evaluation, checkpoints

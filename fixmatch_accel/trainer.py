@@ -20,13 +20,16 @@ from tqdm.auto import tqdm
 
 from . import augment
 from .config import TrainConfig
-from .data import (ImageDataset, channel_stats, labeled_split, load_data, native_size, repeat_to_fill,
+from .data import (DecodedImages, ImageDataset, batch_identity, channel_stats, decode_split, labeled_split, load_data, native_size, repeat_to_fill,
                    save_labeled_split)
 from .ema import ModelEMA
 from .errors import UsageError
 from .evaluate import evaluate
 from .fixmatch import fixmatch_loss
 from .models import create_model
+
+# Decoded train splits under this size are kept in memory by default (--cache_decoded).
+CACHE_LIMIT_BYTES = 4 * 2**30
 
 # Files that mark an output_dir as holding a run.
 RUN_FILES = ("metrics.jsonl", "checkpoints", "model.safetensors")
@@ -42,6 +45,33 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]:
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def forward_loss(model, x, y, u_w, u_s, u_y, *, mean, std, channels_last: bool, threshold: float,
+                 temperature: float, lambda_u: float):
+    """One forward over cat([x, u_w, u_s]) (uint8 views) and the FixMatch loss: `(loss, stats)`.
+
+    BatchNorm sees all three views at once, as in the paper. Free of host syncs and
+    of data-dependent shapes, so it compiles to one graph.
+    """
+    inputs = augment.normalize_batch(torch.cat([x, u_w, u_s]), mean, std)
+    if channels_last:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    logits = model(inputs)  # a prepared model runs under the run's autocast
+    b = x.shape[0]
+    logits_u_w, logits_u_s = logits[b:].chunk(2)
+    return fixmatch_loss(logits[:b], y, logits_u_w, logits_u_s, threshold=threshold, temperature=temperature,
+                         lambda_u=lambda_u, targets_u=u_y)
+
+
+def strong_forward_loss(model, x, y, u_w, strong_params, u_y, *, strong_config: str, **kwargs):
+    """forward_loss with the strong view made on the device from pre-drawn RandAugment parameters.
+
+    The draws happen outside (an explicit torch.Generator cannot be traced), the
+    pixel work inside, so augmentation + forward + loss compile together.
+    """
+    u_s = augment.apply_rand_augment(u_w, strong_params, strong_config)
+    return forward_loss(model, x, y, u_w, u_s, u_y, **kwargs)
 
 
 class TrainState:
@@ -212,26 +242,36 @@ def _summarise(sums: Dict[str, torch.Tensor], steps: int, accelerator) -> Dict:
 
 
 def build_loaders(cfg: TrainConfig, data, labeled_idx: List[int], size: int, pad: int, augment_device: str,
-                  world: int, pin_memory: bool = False):
+                  world: int, pin_memory: bool = False, cache=None):
     """Labeled (B), unlabeled (mu*B) and eval loaders, not yet prepared.
 
     Items are (uint8 views..., label, row index). On the CPU path the workers
-    make the weak / strong views; on the accelerator path they only decode.
+    make the weak / strong views; on the accelerator path they only decode, or,
+    with `cache` ((train images, labels), (eval images, labels)), only index.
     """
     B, U = cfg.per_device_train_batch_size, cfg.mu * cfg.per_device_train_batch_size
     columns = (data.image_column, data.label_column)
-    if augment_device == "cpu":
-        weak = augment.weak_transform(size, hflip=cfg.hflip, pad=pad)
-        strong = augment.strong_transform(size, cfg.strong_augment, hflip=cfg.hflip, pad=pad)
-        labeled_views, unlabeled_views = [weak], [weak, strong]
-    else:
-        labeled_views, unlabeled_views = [], []
-    labeled_ds = ImageDataset(data.train, repeat_to_fill(labeled_idx, B * world), *columns, size, labeled_views)
-    unlabeled_ds = ImageDataset(data.train, repeat_to_fill(list(range(len(data.train))), U * world), *columns, size,
-                                unlabeled_views)
-    eval_ds = ImageDataset(data.eval, range(len(data.eval)), *columns, size)
+    labeled_rows = repeat_to_fill(labeled_idx, B * world)
+    unlabeled_rows = repeat_to_fill(list(range(len(data.train))), U * world)
     workers = min(cfg.dataloader_num_workers, os.cpu_count() or 1)
-    loader = partial(DataLoader, num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+    if cache is not None:
+        # Decoded in memory: a batch is one tensor index, no workers, no per-sample collate.
+        (train_images, train_labels), (eval_images, eval_labels) = cache
+        loader = partial(DataLoader, pin_memory=pin_memory, collate_fn=batch_identity)
+        labeled_ds = DecodedImages(train_images, train_labels, labeled_rows)
+        unlabeled_ds = DecodedImages(train_images, train_labels, unlabeled_rows)
+        eval_ds = DecodedImages(eval_images, eval_labels, range(len(eval_labels)))
+    else:
+        if augment_device == "cpu":
+            weak = augment.weak_transform(size, hflip=cfg.hflip, pad=pad)
+            strong = augment.strong_transform(size, cfg.strong_augment, hflip=cfg.hflip, pad=pad)
+            labeled_views, unlabeled_views = [weak], [weak, strong]
+        else:
+            labeled_views, unlabeled_views = [], []
+        labeled_ds = ImageDataset(data.train, labeled_rows, *columns, size, labeled_views)
+        unlabeled_ds = ImageDataset(data.train, unlabeled_rows, *columns, size, unlabeled_views)
+        eval_ds = ImageDataset(data.eval, range(len(data.eval)), *columns, size)
+        loader = partial(DataLoader, num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
     return (loader(labeled_ds, batch_size=B, shuffle=True, drop_last=True),
             loader(unlabeled_ds, batch_size=U, shuffle=True, drop_last=True),
             loader(eval_ds, batch_size=cfg.per_device_eval_batch_size, shuffle=False))
@@ -266,13 +306,28 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
 
     B, U = cfg.per_device_train_batch_size, cfg.mu * cfg.per_device_train_batch_size
     world = accelerator.num_processes
+    cache_decoded = cfg.cache_decoded
+    if cache_decoded is None:
+        cache_decoded = augment_device == "accelerator" and len(data.train) * 3 * size * size < CACHE_LIMIT_BYTES
+    elif cache_decoded and augment_device == "cpu":
+        raise UsageError("--cache_decoded needs --augment_device accelerator (the CPU path augments PIL images)")
+    cache = None
+    if cache_decoded:
+        workers = min(cfg.dataloader_num_workers, os.cpu_count() or 1)
+        cache = tuple(decode_split(split, data.image_column, data.label_column, size, workers,
+                                   show_progress=is_main and sys.stderr.isatty())
+                      for split in (data.train, data.eval))
     labeled_loader, unlabeled_loader, eval_loader = build_loaders(
-        cfg, data, labeled_idx, size, pad, augment_device, world, pin_memory=device.type == "cuda")
+        cfg, data, labeled_idx, size, pad, augment_device, world, pin_memory=device.type == "cuda", cache=cache)
 
     # ---- Model, optimizer, schedule, EMA.
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     model = create_model(cfg.model, data.num_classes)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # fused: one CUDA kernel for the whole update; elsewhere the foreach default.
     optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
-                                momentum=cfg.momentum, nesterov=True)
+                                momentum=cfg.momentum, nesterov=True, fused=device.type == "cuda" or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(cosine_lr_factor, total_steps=cfg.max_train_steps))
     model, optimizer, scheduler, labeled_loader, unlabeled_loader, eval_loader = accelerator.prepare(
@@ -295,21 +350,32 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
 
     mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    loss_kwargs = dict(mean=mean_t, std=std_t, channels_last=channels_last, threshold=cfg.threshold,
+                       temperature=cfg.temperature, lambda_u=cfg.lambda_u)
 
-    def normalize(images_u8):
-        return augment.normalize_batch(images_u8, mean_t, std_t)
-
-    # The views of one step, chosen once here rather than branched on in the loop.
+    # The views of one step and the function they feed, chosen once here rather than branched on in the loop.
     if augment_device == "cpu":
+        core = partial(forward_loss, model, **loss_kwargs)
+
         def views(batch_x, batch_u):
             (x, y, _), (u_w, u_s, u_y, _) = batch_x, batch_u
             return x, y, u_w, u_s, u_y
     else:
+        core = partial(strong_forward_loss, model, strong_config=cfg.strong_augment, **loss_kwargs)
+
         def views(batch_x, batch_u):
             (x, y, _), (u, u_y, _) = batch_x, batch_u
-            u_w = augment.weak_batch(u, hflip=cfg.hflip, pad=pad, generator=generator)
             x = augment.weak_batch(x, hflip=cfg.hflip, pad=pad, generator=generator)
-            return x, y, u_w, augment.strong_batch(u_w, config=cfg.strong_augment, generator=generator), u_y
+            u_w = augment.weak_batch(u, hflip=cfg.hflip, pad=pad, generator=generator)
+            params = augment.sample_rand_augment_params(u.shape[0], cfg.strong_augment, generator=generator,
+                                                        device=device, image_size=(size, size))
+            return x, y, u_w, params, u_y
+    if cfg.compile:
+        core = torch.compile(core)
+
+    def eval_inputs(images):
+        inputs = augment.normalize_batch(images, mean_t, std_t)
+        return inputs.contiguous(memory_format=torch.channels_last) if channels_last else inputs
 
     # ---- What the run leaves: config.json (timm-style model keys + every setting), metrics.jsonl.
     if is_main:
@@ -320,7 +386,8 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
             pretrained_cfg=dict(input_size=[3, size, size], mean=mean, std=std, num_classes=data.num_classes),
             settings=cfg.to_dict(),
             setting_sources=sources or {},
-            resolved=dict(image_size=size, crop_padding=pad, augment_device=augment_device, eval_split=data.eval_split,
+            resolved=dict(image_size=size, crop_padding=pad, augment_device=augment_device,
+                          cache_decoded=cache is not None, channels_last=channels_last, eval_split=data.eval_split,
                           image_column=data.image_column, label_column=data.label_column,
                           num_train=len(data.train), num_eval=len(data.eval), num_labeled=len(labeled_idx)),
             world_size=world,
@@ -335,7 +402,6 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
 
     labeled_iter = endless(labeled_loader, "labeled", state, accelerator)
     unlabeled_iter = endless(unlabeled_loader, "unlabeled", state, accelerator)
-    eval_inputs = normalize
 
     def run_eval(step: int) -> Dict:
         result = evaluate(ema.module, eval_loader, accelerator, eval_inputs, data.num_classes, show_progress=is_main and sys.stderr.isatty())
@@ -351,15 +417,9 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
     model.train()
     while state.step < cfg.max_train_steps:
         # Batch: B labeled and mu*B unlabeled images (uint8), weak and strong views.
-        x, y, u_w, u_s, u_y = views(next(labeled_iter), next(unlabeled_iter))
-        # Forward: one pass over all three views, so BatchNorm sees the whole batch.
-        inputs = normalize(torch.cat([x, u_w, u_s]))
-        with accelerator.autocast():
-            logits = model(inputs)
-        logits_x = logits[: x.shape[0]]
-        logits_u_w, logits_u_s = logits[x.shape[0]:].chunk(2)
-        loss, stats = fixmatch_loss(logits_x, y, logits_u_w, logits_u_s, threshold=cfg.threshold,
-                                    temperature=cfg.temperature, lambda_u=cfg.lambda_u, targets_u=u_y)
+        x, y, u_w, strong, u_y = views(next(labeled_iter), next(unlabeled_iter))
+        # Forward and loss: one pass over all three views, so BatchNorm sees the whole batch.
+        loss, stats = core(x, y, u_w, strong, u_y)
         # Backward, optimizer step, schedule, EMA.
         accelerator.backward(loss)
         optimizer.step()
