@@ -300,6 +300,8 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
         save_labeled_split(os.path.join(cfg.output_dir, "labeled_split.json"), labeled_idx, cfg, data)
     size = cfg.image_size or native_size(data.train, data.image_column)
     pad = cfg.crop_padding if cfg.crop_padding is not None else max(1, size // 8)
+    if pad >= size:
+        raise UsageError(f"--crop_padding {pad} must be smaller than the image side ({size} px)")
     mean, std = channel_stats(data.train, data.image_column, size, seed=cfg.seed)
     device = accelerator.device
     augment_device = cfg.augment_device or ("cpu" if device.type == "cpu" else "accelerator")

@@ -34,6 +34,7 @@ def test_tiny_digits_run_leaves_everything(tmp_path):
     assert "final EMA model: top-1" in result.stdout
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architecture"] == "small_cnn" and cfg["num_classes"] == 10 and cfg["world_size"] == 1
+    assert cfg["resolved"]["cache_decoded"] is True and cfg["resolved"]["channels_last"] is False
     assert cfg["settings"]["mu"] == 2 and cfg["setting_sources"]["mu"] == "flag"
     assert cfg["global_batch"] == {"labeled": 4, "unlabeled": 8}
     assert cfg["pretrained_cfg"]["input_size"] == [3, 8, 8] and len(cfg["pretrained_cfg"]["mean"]) == 3
@@ -61,7 +62,8 @@ def test_tiny_digits_run_leaves_everything(tmp_path):
 
 def test_resume_continues_and_refuses_to_clobber(tmp_path):
     out = tmp_path / "run"
-    check_ok(run_train(TINY_DIGITS + ["--max_train_steps", "4", "--output_dir", out]))
+    check_ok(run_train(TINY_DIGITS + ["--max_train_steps", "4", "--output_dir", out, "--no-cache_decoded"]))
+    assert json.loads((out / "config.json").read_text())["resolved"]["cache_decoded"] is False
     again = run_train(TINY_DIGITS + ["--max_train_steps", "8", "--output_dir", out])
     assert again.returncode == 2 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
     resumed = run_train(TINY_DIGITS + ["--max_train_steps", "8", "--output_dir", out,
@@ -115,6 +117,8 @@ def test_image_folder_with_a_timm_model(tmp_path):
     (["--num_labeled", "5000"], "--num_labeled 5000 needs 500 examples of each class"),
     (["--model", "not_a_model"], "--model 'not_a_model' is neither a built-in model"),
     (["--strong_augment", "rand-zz"], "--strong_augment"),
+    (["--crop_padding", "8"], "--crop_padding 8 must be smaller than the image side (8 px)"),
+    (["--augment_device", "cpu", "--cache_decoded"], "--cache_decoded needs --augment_device accelerator"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, extra, message):
     result = run_train(TINY_DIGITS + ["--output_dir", tmp_path / "run", "--max_train_steps", "1"] + extra)
