@@ -133,17 +133,20 @@ def run_reference(args, images, labels, device, steps, warmup):
 
 # ---------------------------------------------------------------- this project
 
-def run_project(args, images, labels, device, steps, warmup, compile=False):
+def run_project(args, images, labels, device, steps, warmup, compile=None, bf16=True, channels_last=True,
+                fused=True):
+    """Steps/s of the project's step; `compile` is None or a torch.compile mode; the flags matter on CUDA."""
     B, U = args.batch_size, args.mu * args.batch_size
     cuda = device.type == "cuda"
     data = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)  # decoded once (--cache_decoded)
     targets = torch.from_numpy(labels).to(device)
     torch.manual_seed(0)
     model = create_model(args.model, 10).to(device).train()
-    if cuda:
+    channels_last = channels_last and cuda
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(param_groups(model, 5e-4), lr=0.03, momentum=0.9, nesterov=True,
-                                fused=True if cuda else None)
+                                fused=True if cuda and fused else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: cosine_lr_factor(k, 2**20))
     ema = ModelEMA(model)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -151,12 +154,12 @@ def run_project(args, images, labels, device, steps, warmup, compile=False):
     std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
 
     def core(x, y, u_w, params, u_y):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and bf16):
             return strong_forward_loss(model, x, y, u_w, params, u_y, strong_config=STRONG, mean=mean, std=std,
-                                       channels_last=cuda, threshold=0.95, temperature=1.0, lambda_u=1.0)
+                                       channels_last=channels_last, threshold=0.95, temperature=1.0, lambda_u=1.0)
 
     if compile:
-        core = torch.compile(core)
+        core = torch.compile(core, mode=compile)
     sums = None
     t0 = None
     for step in range(warmup + steps):
@@ -169,13 +172,15 @@ def run_project(args, images, labels, device, steps, warmup, compile=False):
         x = augment.weak_batch(data[ix], generator=gen)
         u_w = augment.weak_batch(data[iu], generator=gen)
         params = augment.sample_rand_augment_params(U, STRONG, generator=gen, device=device)
+        if compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graph outputs are reused each step
         loss, stats = core(x, targets[ix], u_w, params, targets[iu])
         loss.backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         ema.update(model, step)
-        sums = stats["loss"] if sums is None else sums + stats["loss"]  # stays on the device
+        sums = stats["loss"].clone() if sums is None else sums + stats["loss"]  # stays on the device
     float(sums)  # one sync at the end, as at a logging step
     return steps / (time.perf_counter() - t0)
 
@@ -235,6 +240,9 @@ def main():
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="reference DataLoader workers")
     parser.add_argument("--augment_samples", type=int, default=448, help="samples for the augmentation-only timing")
     parser.add_argument("--compile", action="store_true", help="also measure the project's step with torch.compile")
+    parser.add_argument("--compile_modes", default="default", help="comma-separated torch.compile modes to measure")
+    parser.add_argument("--ablate", action="store_true",
+                        help="also measure the eager step without bf16, without channels_last, without fused SGD")
     parser.add_argument("--peak_tflops", type=float, default=989.0, help="bf16 dense peak of the GPU (H100 SXM: 989)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -264,11 +272,20 @@ def main():
     proj_steps = run_project(args, images, labels, device, args.steps, args.warmup)
     print(f"end to end, project: {proj_steps:.2f} steps/s -> {proj_steps / ref_steps:.2f}x", flush=True)
     result.update(reference_steps_per_s=ref_steps, project_steps_per_s=proj_steps)
+    if args.ablate:
+        for name, off in (("fp32", dict(bf16=False)), ("no channels_last", dict(channels_last=False)),
+                          ("foreach SGD", dict(fused=False))):
+            rate = run_project(args, images, labels, device, args.steps, args.warmup, **off)
+            print(f"end to end, project eager with {name}: {rate:.2f} steps/s ({rate / proj_steps:.2f}x of full eager)",
+                  flush=True)
+            result[f"project_eager_{name.replace(' ', '_')}_steps_per_s"] = rate
     if args.compile:
-        compiled = run_project(args, images, labels, device, args.steps, args.warmup + 3, compile=True)
-        print(f"end to end, project compiled: {compiled:.2f} steps/s -> {compiled / ref_steps:.2f}x", flush=True)
-        result.update(project_compiled_steps_per_s=compiled)
-        proj_steps = max(proj_steps, compiled)
+        for mode in args.compile_modes.split(","):
+            compiled = run_project(args, images, labels, device, args.steps, args.warmup + 3, compile=mode)
+            print(f"end to end, project compiled ({mode}): {compiled:.2f} steps/s -> {compiled / ref_steps:.2f}x",
+                  flush=True)
+            result[f"project_compiled_{mode}_steps_per_s"] = compiled
+            proj_steps = max(proj_steps, compiled)
     result.update(step_speedup=proj_steps / ref_steps)
     if device.type == "cuda":
         flops = model_flops_per_step(args, device)
