@@ -241,6 +241,10 @@ def _summarise(sums: Dict[str, torch.Tensor], steps: int, accelerator) -> Dict:
     )
 
 
+def num_workers(cfg: TrainConfig) -> int:
+    return min(cfg.dataloader_num_workers, os.cpu_count() or 1)
+
+
 def build_loaders(cfg: TrainConfig, data, labeled_idx: List[int], size: int, pad: int, augment_device: str,
                   world: int, pin_memory: bool = False, cache=None):
     """Labeled (B), unlabeled (mu*B) and eval loaders, not yet prepared.
@@ -253,7 +257,7 @@ def build_loaders(cfg: TrainConfig, data, labeled_idx: List[int], size: int, pad
     columns = (data.image_column, data.label_column)
     labeled_rows = repeat_to_fill(labeled_idx, B * world)
     unlabeled_rows = repeat_to_fill(list(range(len(data.train))), U * world)
-    workers = min(cfg.dataloader_num_workers, os.cpu_count() or 1)
+    workers = num_workers(cfg)
     if cache is not None:
         # Decoded in memory: a batch is one tensor index, no workers, no per-sample collate.
         (train_images, train_labels), (eval_images, eval_labels) = cache
@@ -289,6 +293,7 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
     _check_output_dir(cfg, resuming=resume_path is not None)
     accelerator = _make_accelerator(cfg)
     is_main = accelerator.is_main_process
+    bar_on = is_main and sys.stderr.isatty()  # progress bars on a terminal; plain lines in logs
     set_seed(cfg.seed)
     os.makedirs(cfg.output_dir, exist_ok=True)
 
@@ -315,9 +320,8 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
         raise UsageError("--cache_decoded needs --augment_device accelerator (the CPU path augments PIL images)")
     cache = None
     if cache_decoded:
-        workers = min(cfg.dataloader_num_workers, os.cpu_count() or 1)
-        cache = tuple(decode_split(split, data.image_column, data.label_column, size, workers,
-                                   show_progress=is_main and sys.stderr.isatty())
+        cache = tuple(decode_split(split, data.image_column, data.label_column, size, num_workers(cfg),
+                                   show_progress=bar_on)
                       for split in (data.train, data.eval))
     labeled_loader, unlabeled_loader, eval_loader = build_loaders(
         cfg, data, labeled_idx, size, pad, augment_device, world, pin_memory=device.type == "cuda", cache=cache)
@@ -411,16 +415,14 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
     unlabeled_iter = endless(unlabeled_loader, "unlabeled", state, accelerator)
 
     def run_eval(step: int) -> Dict:
-        result = evaluate(ema.module, eval_loader, accelerator, eval_inputs, data.num_classes, show_progress=is_main and sys.stderr.isatty())
+        result = evaluate(ema.module, eval_loader, accelerator, eval_inputs, data.num_classes, show_progress=bar_on)
         metrics.write(dict(step=step, top1=result["top1"], top5=result["top5"], per_class=result["per_class"]))
         return result
 
-    tty = sys.stderr.isatty()
-    bar = tqdm(total=cfg.max_train_steps, initial=state.step, desc="fixmatch", disable=not (is_main and tty),
+    bar = tqdm(total=cfg.max_train_steps, initial=state.step, desc="fixmatch", disable=not bar_on,
                dynamic_ncols=True)
     sums: Dict[str, torch.Tensor] = {}
     window_steps, window_start = 0, time.perf_counter()
-    result = None
     model.train()
     while state.step < cfg.max_train_steps:
         # Batch: B labeled and mu*B unlabeled images (uint8), weak and strong views.
@@ -449,7 +451,7 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
                        images_per_s=(B + U) * world * window_steps / max(elapsed, 1e-9),
                        labeled_seen=step * B * world, unlabeled_seen=step * U * world, **row)
             metrics.write(row)
-            if tty:
+            if bar_on:
                 bar.set_postfix(loss=f"{row['loss']:.3f}", mask=f"{row['mask_ratio']:.2f}",
                                 pl_acc=f"{row['pseudo_label_acc']:.2f}", img_s=f"{row['images_per_s']:.0f}")
             else:
