@@ -11,9 +11,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         cfg, sources = parse_args(argv)
-        from .trainer import train  # imported late so `--help` stays fast
+        from .trainer import Stopped, train  # imported late so `--help` stays fast
 
-        train(cfg, sources)
+        try:
+            train(cfg, sources)
+        except Stopped as e:
+            print(f"fixmatch-train: {'' if e.exit_code == 0 else 'error: '}{e}", file=sys.stderr)
+            return e.exit_code
     except UsageError as e:
         print(f"fixmatch-train: error: {e}", file=sys.stderr)
         return 2

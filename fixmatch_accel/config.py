@@ -67,6 +67,7 @@ class TrainConfig:
     logging_steps: int = _f(50, "Steps between metrics.jsonl rows (the only host syncs of the loop).")
     eval_steps: int = _f(1024, "Steps between evaluations of the EMA model (and one at the end); 0: only at the end.")
     checkpointing_steps: int = _f(4096, "Steps between checkpoints under output_dir/checkpoints; 0: none.")
+    checkpoints_total_limit: Optional[int] = _f(None, "Keep only the newest K checkpoints (older ones are deleted); default: keep all.")
     resume_from_checkpoint: Optional[str] = _f(None, "Checkpoint folder to resume from, or 'latest' (newest in output_dir/checkpoints).")
     output_dir: str = _f("outputs/fixmatch", "Where the run writes config.json, metrics.jsonl, checkpoints and the model.")
     overwrite_output_dir: bool = _f(False, "Start a new run in an output_dir that holds another run's files (they are overwritten).")
@@ -150,6 +151,8 @@ def validate(cfg: TrainConfig) -> None:
     for name in ["eval_steps", "checkpointing_steps", "dataloader_num_workers", "weight_decay", "lambda_u"]:
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name} must be non-negative, got {getattr(cfg, name)}")
+    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
+        raise UsageError(f"--checkpoints_total_limit must be at least 1, got {cfg.checkpoints_total_limit}")
     if not 0.0 <= cfg.threshold <= 1.0:
         raise UsageError(f"--threshold must be in [0, 1], got {cfg.threshold}")
     if cfg.temperature <= 0:

@@ -9,12 +9,14 @@ import os
 import platform
 import re
 import shutil
+import signal
 import sys
 import time
 from functools import partial
 from typing import Dict, List, Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -75,39 +77,49 @@ def strong_forward_loss(model, x, y, u_w, strong_params, u_y, *, strong_config: 
 
 
 class TrainState:
-    """Step counter and data positions, saved in every checkpoint."""
+    """Step counter and data positions, saved in every checkpoint as JSON."""
 
     def __init__(self):
         self.step = 0
         self.positions: Dict[str, List[int]] = {}
 
-    def state_dict(self):
-        return {"step": self.step, "positions": dict(self.positions)}
 
-    def load_state_dict(self, state):
-        self.step = int(state["step"])
-        self.positions = {k: list(v) for k, v in state["positions"].items()}
+class Stopped(Exception):
+    """Raised after a signal made the run checkpoint and stop; carries the exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
-class GeneratorState:
-    """Makes a torch.Generator checkpointable alongside accelerate's own RNG states."""
+class StopSignal:
+    """SIGTERM / SIGINT ask the loop to finish its step, checkpoint and exit; a second SIGINT aborts."""
 
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. in a notebook's worker): leave signals alone
+                pass
 
-    def state_dict(self):
-        return {"state": self.generator.get_state()}
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
 
-    def load_state_dict(self, state):
-        self.generator.set_state(state["state"])
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def endless(loader, name: str, state: TrainState, accelerator):
     """Yield batches forever, a new shuffle each pass (set_epoch), resuming mid-pass from `state`."""
     epoch, done = state.positions.get(name, [0, 0])
     while True:
-        loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, done) if done else loader
+        batches.set_epoch(epoch)  # on the loader iterated: accelerate re-applies its own epoch when iteration starts
         for batch in batches:
             done += 1
             state.positions[name] = [epoch, done]
@@ -116,30 +128,67 @@ def endless(loader, name: str, state: TrainState, accelerator):
         state.positions[name] = [epoch, done]
 
 
-def latest_checkpoint(output_dir: str) -> Optional[str]:
-    """Newest complete checkpoint: only renamed `step_N` folders count, never `.tmp` ones."""
+def checkpoint_steps(output_dir: str) -> List[int]:
+    """Steps of the complete checkpoints, oldest first: only renamed `step_N` folders count, never `.tmp` ones."""
     root = os.path.join(output_dir, "checkpoints")
     if not os.path.isdir(root):
-        return None
-    steps = [int(m.group(1)) for d in os.listdir(root) if (m := re.fullmatch(r"step_(\d+)", d))]
-    return os.path.join(root, f"step_{max(steps)}") if steps else None
+        return []
+    return sorted(int(m.group(1)) for d in os.listdir(root) if (m := re.fullmatch(r"step_(\d+)", d)))
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int) -> str:
-    """Write to a temporary folder, then rename, so a kill mid-write never leaves a half checkpoint."""
-    final = os.path.join(output_dir, "checkpoints", f"step_{step}")
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    steps = checkpoint_steps(output_dir)
+    return os.path.join(output_dir, "checkpoints", f"step_{steps[-1]}") if steps else None
+
+
+def save_checkpoint(accelerator, output_dir: str, state: TrainState, ema: ModelEMA, generator: torch.Generator,
+                    total_limit: Optional[int] = None) -> str:
+    """Write to a temporary folder, then rename, so a kill mid-write never leaves a half checkpoint.
+
+    Besides accelerate's files: trainer_state.json (step, data positions), ema.safetensors
+    and one generator_<rank>.safetensors per process. Nothing is pickled, so loading
+    runs no code from the checkpoint (accelerate would unpickle registered objects).
+    """
+    final = os.path.join(output_dir, "checkpoints", f"step_{state.step}")
     tmp = final + ".tmp"
     if accelerator.is_main_process and os.path.isdir(tmp):
         shutil.rmtree(tmp)  # an interrupted write of this very step: incomplete by construction
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    save_file({"state": generator.get_state()}, os.path.join(tmp, f"generator_{accelerator.process_index}.safetensors"))
+    if accelerator.is_main_process:
+        save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, os.path.join(tmp, "ema.safetensors"))
+        _write_json(os.path.join(tmp, "trainer_state.json"), {"step": state.step, "positions": state.positions})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if os.path.isdir(final):  # the same step saved before a resume: keep the older copy aside
             os.replace(final, f"{final}.replaced_{int(time.time())}")
         os.replace(tmp, final)
+        if total_limit:
+            for old in checkpoint_steps(output_dir)[:-total_limit]:
+                shutil.rmtree(os.path.join(output_dir, "checkpoints", f"step_{old}"))
     accelerator.wait_for_everyone()
     return final
+
+
+def load_checkpoint(accelerator, path: str, state: TrainState, ema: ModelEMA, generator: torch.Generator) -> None:
+    """Restore a checkpoint written by save_checkpoint; any problem is one clear line."""
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            saved = json.load(f)
+        # accelerate skips unreadable RNG states with only an info log; read them first (weights_only,
+        # accelerate's numpy allow-list) so a bad or hostile file is an error, not a silently inexact resume.
+        from accelerate.utils.other import load as weights_only_load
+
+        weights_only_load(os.path.join(path, f"random_states_{accelerator.process_index}.pkl"))
+        accelerator.load_state(path)  # model, optimizer, scheduler, RNGs: weights_only / safetensors
+        ema.module.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
+        generator.set_state(load_file(os.path.join(path, f"generator_{accelerator.process_index}.safetensors"))["state"])
+        state.step = int(saved["step"])
+        state.positions = {k: [int(e), int(b)] for k, (e, b) in saved["positions"].items()}
+    except Exception as e:  # unreadable, truncated, another model: the user must know, never a silent restart
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UsageError(f"--resume_from_checkpoint {path!r}: cannot load it ({type(e).__name__}: {first[:300]})") from None
 
 
 def _resolve_resume(cfg: TrainConfig) -> Optional[str]:
@@ -225,6 +274,12 @@ class MetricsLog:
 
 # Order of the statistics in the one flat tensor that is all-reduced at logging steps.
 SUMMED = ("loss", "loss_x", "loss_u", "mask_count", "num_unlabeled", "pseudo_label_correct")
+
+
+def _any_process(accelerator, stop: StopSignal) -> bool:
+    """Whether any process received a stop signal (a collective: only at logging steps)."""
+    flag = torch.tensor(float(stop.signum is not None), device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum") > 0)
 
 
 def _summarise(sums: Dict[str, torch.Tensor], steps: int, accelerator) -> Dict:
@@ -343,16 +398,11 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
     ema.module.to(device)  # the EMA copy is never prepared: it is evaluated and saved as it is
     state = TrainState()
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + accelerator.process_index)
-    for obj in (ema, state, GeneratorState(generator)):
-        accelerator.register_for_checkpointing(obj)
-
     if resume_path is not None:
-        try:
-            accelerator.load_state(resume_path)
-        except Exception as e:  # any unreadable or mismatched checkpoint is the user's to know about
-            raise UsageError(f"--resume_from_checkpoint {resume_path!r}: cannot load ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        load_checkpoint(accelerator, resume_path, state, ema, generator)
         accelerator.print(f"resumed from {resume_path} at step {state.step}")
+    checkpoint = partial(save_checkpoint, accelerator, cfg.output_dir, state, ema, generator,
+                         total_limit=cfg.checkpoints_total_limit)
 
     mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
@@ -419,58 +469,87 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
         metrics.write(dict(step=step, top1=result["top1"], top5=result["top5"], per_class=result["per_class"]))
         return result
 
+    def safe_to_save() -> bool:
+        """Finite losses since the last log and finite weights now (a host sync: only when saving)."""
+        flags = [torch.isfinite(t).all() for t in live_model.state_dict().values() if t.is_floating_point()]
+        if sums:
+            flags.append(torch.isfinite(sums["loss"]))
+        return bool(torch.stack(flags).all())
+
+    def nonfinite(step: int) -> Stopped:
+        good = latest_checkpoint(cfg.output_dir)
+        return Stopped(f"the loss or the weights are not finite at step {step} (checked since step {step - window_steps}); "
+                       f"stopped without saving. Last good checkpoint: {good or 'none'}. "
+                       "Try a lower --learning_rate or --mixed_precision bf16 instead of fp16.", 1)
+
+    stop = StopSignal()
     bar = tqdm(total=cfg.max_train_steps, initial=state.step, desc="fixmatch", disable=not bar_on,
                dynamic_ncols=True)
     sums: Dict[str, torch.Tensor] = {}
     window_steps, window_start = 0, time.perf_counter()
     model.train()
-    while state.step < cfg.max_train_steps:
-        # Batch: B labeled and mu*B unlabeled images (uint8), weak and strong views.
-        x, y, u_w, strong, u_y = views(next(labeled_iter), next(unlabeled_iter))
-        # Forward and loss: one pass over all three views, so BatchNorm sees the whole batch.
-        loss, stats = core(x, y, u_w, strong, u_y)
-        # Backward, optimizer step, schedule, EMA.
-        accelerator.backward(loss)
-        optimizer.step()
-        lr = scheduler.get_last_lr()[0]  # the rate this step used (a Python float, no sync)
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(live_model, state.step)
-        state.step += 1
-        bar.update(1)
-        # Statistics stay on the device until a logging step.
-        for k in (*SUMMED, "mask_per_class"):
-            sums[k] = sums[k] + stats[k] if k in sums else stats[k].clone()
-        window_steps += 1
-        step = state.step
+    try:
+        while state.step < cfg.max_train_steps:
+            # Batch: B labeled and mu*B unlabeled images (uint8), weak and strong views.
+            x, y, u_w, strong, u_y = views(next(labeled_iter), next(unlabeled_iter))
+            # Forward and loss: one pass over all three views, so BatchNorm sees the whole batch.
+            loss, stats = core(x, y, u_w, strong, u_y)
+            # Backward, optimizer step, schedule, EMA.
+            accelerator.backward(loss)
+            optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # the rate this step used (a Python float, no sync)
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(live_model, state.step)
+            state.step += 1
+            bar.update(1)
+            # Statistics stay on the device until a logging step.
+            for k in (*SUMMED, "mask_per_class"):
+                sums[k] = sums[k] + stats[k] if k in sums else stats[k].clone()
+            window_steps += 1
+            step = state.step
 
-        if step % cfg.logging_steps == 0 or step == cfg.max_train_steps:
-            row = _summarise(sums, window_steps, accelerator)  # host sync: once per logging step
-            elapsed = time.perf_counter() - window_start
-            row = dict(step=step, lr=lr,
-                       images_per_s=(B + U) * world * window_steps / max(elapsed, 1e-9),
-                       labeled_seen=step * B * world, unlabeled_seen=step * U * world, **row)
-            metrics.write(row)
-            if bar_on:
-                bar.set_postfix(loss=f"{row['loss']:.3f}", mask=f"{row['mask_ratio']:.2f}",
-                                pl_acc=f"{row['pseudo_label_acc']:.2f}", img_s=f"{row['images_per_s']:.0f}")
-            else:
-                accelerator.print(f"step {step}/{cfg.max_train_steps} loss {row['loss']:.4f} "
-                                  f"loss_u {row['loss_u']:.4f} mask {row['mask_ratio']:.3f} "
-                                  f"pl_acc {row['pseudo_label_acc']:.3f} lr {row['lr']:.5f} "
-                                  f"img/s {row['images_per_s']:.0f}", flush=True)
-            sums, window_steps, window_start = {}, 0, time.perf_counter()
-        if cfg.eval_steps and step % cfg.eval_steps == 0 and step != cfg.max_train_steps:
-            result = run_eval(step)
-            accelerator.print(f"step {step}: EMA top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}")
-        if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
-            save_checkpoint(accelerator, cfg.output_dir, step)
-    bar.close()
+            logging = step % cfg.logging_steps == 0 or step == cfg.max_train_steps
+            if logging:
+                row = _summarise(sums, window_steps, accelerator)  # host sync: once per logging step
+                if not math.isfinite(row["loss"]):
+                    raise nonfinite(step)
+                elapsed = time.perf_counter() - window_start
+                row = dict(step=step, lr=lr,
+                           images_per_s=(B + U) * world * window_steps / max(elapsed, 1e-9),
+                           labeled_seen=step * B * world, unlabeled_seen=step * U * world, **row)
+                metrics.write(row)
+                if bar_on:
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", mask=f"{row['mask_ratio']:.2f}",
+                                    pl_acc=f"{row['pseudo_label_acc']:.2f}", img_s=f"{row['images_per_s']:.0f}")
+                else:
+                    accelerator.print(f"step {step}/{cfg.max_train_steps} loss {row['loss']:.4f} "
+                                      f"loss_u {row['loss_u']:.4f} mask {row['mask_ratio']:.3f} "
+                                      f"pl_acc {row['pseudo_label_acc']:.3f} lr {row['lr']:.5f} "
+                                      f"img/s {row['images_per_s']:.0f}", flush=True)
+                sums, window_steps, window_start = {}, 0, time.perf_counter()
+            # A signal stops a single process at once; several processes agree at a logging step.
+            stopping = stop.signum is not None if world == 1 else logging and _any_process(accelerator, stop)
+            if cfg.eval_steps and step % cfg.eval_steps == 0 and step != cfg.max_train_steps and not stopping:
+                result = run_eval(step)
+                accelerator.print(f"step {step}: EMA top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}")
+            if (cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0) or stopping:
+                if not safe_to_save():
+                    raise nonfinite(step)
+                path = checkpoint()
+            if stopping:
+                name = signal.Signals(stop.signum).name if stop.signum else "a signal on another process"
+                raise Stopped(f"stopped by {name} after step {step}; checkpoint {path}; "
+                              "continue with --resume_from_checkpoint latest",
+                              0 if stop.signum in (None, signal.SIGTERM) else 128 + stop.signum)
+    finally:
+        stop.restore()
+        bar.close()
 
     # ---- End: final evaluation, final checkpoint, the EMA model.
     result = run_eval(state.step)
     if cfg.checkpointing_steps and state.step % cfg.checkpointing_steps:
-        save_checkpoint(accelerator, cfg.output_dir, state.step)
+        checkpoint()
     accelerator.wait_for_everyone()
     accelerator.save_model(ema.module, cfg.output_dir)  # model.safetensors, main process only
     if is_main:

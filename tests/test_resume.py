@@ -1,0 +1,147 @@
+"""Surviving interruptions: signals, kills, exact resume, bounded checkpoints, unsafe or broken checkpoints."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_train
+from test_e2e import TINY_DIGITS, check_ok
+
+# Exact resume is promised for on-device augmentation (explicit generators); the PIL path draws from
+# global RNGs that DataLoader iterators also consume, so it resumes at the right data but not bit-exactly.
+QUICK = TINY_DIGITS + ["--logging_steps", "1", "--eval_steps", "0", "--checkpointing_steps", "0",
+                       "--augment_device", "accelerator"]
+
+
+def losses(out: Path):
+    """The last logged loss of each step (a resumed run may log a step twice)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def start(args):
+    cmd = [sys.executable, str(ROOT / "train.py"), *map(str, args)]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def wait_for(predicate, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_sigterm_checkpoints_and_resume_is_exact(tmp_path):
+    steps = 40
+    straight = tmp_path / "straight"
+    check_ok(run_train(QUICK + ["--max_train_steps", steps, "--output_dir", straight]))
+
+    out = tmp_path / "preempted"
+    proc = start(QUICK + ["--max_train_steps", steps, "--output_dir", out])
+    wait_for(lambda: (out / "metrics.jsonl").exists() and len(losses(out)) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    stopped_at = max(losses(out))
+    assert f"stopped by SIGTERM after step {stopped_at}" in stderr and stopped_at < steps
+    assert (out / "checkpoints" / f"step_{stopped_at}").is_dir()
+    assert not (out / "model.safetensors").exists()  # not a finished run
+
+    check_ok(run_train(QUICK + ["--max_train_steps", steps, "--output_dir", out, "--resume_from_checkpoint", "latest"]))
+    # Same loss at every step and the same final weights as the uninterrupted run.
+    assert losses(out) == pytest.approx(losses(straight), rel=1e-6, abs=1e-7)
+    a, b = load_file(straight / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+def test_sigkill_then_resume_from_the_last_complete_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    proc = start(QUICK + ["--max_train_steps", 400, "--checkpointing_steps", 3, "--output_dir", out])
+    wait_for(lambda: (out / "checkpoints" / "step_6").is_dir(), proc)
+    proc.kill()
+    proc.communicate()
+    # A write cut short leaves only a .tmp folder, which never counts as a checkpoint.
+    partial = out / "checkpoints" / "step_999.tmp"
+    partial.mkdir(exist_ok=True)
+    (partial / "model.safetensors").write_bytes(b"\0" * 10)
+    result = run_train(QUICK + ["--max_train_steps", 12, "--checkpointing_steps", 3, "--output_dir", out,
+                                "--resume_from_checkpoint", "latest"])
+    check_ok(result)
+    assert "resumed from" in result.stdout and "step_999" not in result.stdout
+    assert max(losses(out)) == 12
+
+
+def test_checkpoints_total_limit_keeps_the_newest(tmp_path):
+    out = tmp_path / "run"
+    check_ok(run_train(QUICK + ["--max_train_steps", 8, "--checkpointing_steps", 2, "--checkpoints_total_limit", 2,
+                                "--output_dir", out]))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_6", "step_8"]
+
+
+@pytest.fixture
+def finished(tmp_path):
+    out = tmp_path / "run"
+    check_ok(run_train(QUICK + ["--max_train_steps", 2, "--checkpointing_steps", 2, "--output_dir", out]))
+    return out
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("fixmatch-train: error:")]
+    assert len(lines) == 1 and all(f in lines[0] for f in fragments), result.stderr[-2000:]
+
+
+def test_truncated_checkpoint_is_a_clear_error(finished):
+    weights = finished / "checkpoints" / "step_2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    result = run_train(QUICK + ["--max_train_steps", 4, "--output_dir", finished, "--resume_from_checkpoint", "latest"])
+    assert_one_line_error(result, "--resume_from_checkpoint", "step_2", "cannot load")
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(finished):
+    result = run_train(QUICK + ["--max_train_steps", 4, "--output_dir", finished, "--resume_from_checkpoint", "latest",
+                                "--model", "resnet10t"])
+    assert_one_line_error(result, "--resume_from_checkpoint", "cannot load")
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_runs_code_is_refused(finished, tmp_path):
+    marker = tmp_path / "pwned"
+    with open(finished / "checkpoints" / "step_2" / "random_states_0.pkl", "wb") as f:
+        pickle.dump({"x": Payload(marker)}, f)
+    result = run_train(QUICK + ["--max_train_steps", 4, "--output_dir", finished, "--resume_from_checkpoint", "latest"])
+    assert_one_line_error(result, "--resume_from_checkpoint", "cannot load")
+    assert not marker.exists()
+    assert (finished / "checkpoints" / "step_2" / "random_states_0.pkl").exists()  # nothing deleted
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    result = run_train(QUICK + ["--max_train_steps", 20, "--checkpointing_steps", 1, "--learning_rate", "1e12",
+                                "--output_dir", out])
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "are not finite at step" in result.stderr and "Last good checkpoint" in result.stderr
+    saved = sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints").iterdir())
+    assert saved, "at least the first, finite step is checkpointed"
+    for step in saved:  # no checkpoint holds non-finite weights
+        weights = load_file(out / "checkpoints" / f"step_{step}" / "model.safetensors")
+        assert all(torch.isfinite(w.float()).all() for w in weights.values())
