@@ -67,6 +67,7 @@ class TrainConfig:
     logging_steps: int = _f(50, "Steps between metrics.jsonl rows (the only host syncs of the loop).")
     eval_steps: int = _f(1024, "Steps between evaluations of the EMA model (and one at the end); 0: only at the end.")
     checkpointing_steps: int = _f(4096, "Steps between checkpoints under output_dir/checkpoints; 0: none.")
+    skip_nonfinite_steps: bool = _f(False, "Skip (and count) a step whose loss is not finite instead of stopping; costs a host sync per step.")
     checkpoints_total_limit: Optional[int] = _f(None, "Keep only the newest K checkpoints (older ones are deleted); default: keep all.")
     resume_from_checkpoint: Optional[str] = _f(None, "Checkpoint folder to resume from, or 'latest' (newest in output_dir/checkpoints).")
     output_dir: str = _f("outputs/fixmatch", "Where the run writes config.json, metrics.jsonl, checkpoints and the model.")

@@ -81,6 +81,7 @@ class TrainState:
 
     def __init__(self):
         self.step = 0
+        self.skipped = 0  # non-finite steps skipped with --skip_nonfinite_steps
         self.positions: Dict[str, List[int]] = {}
 
 
@@ -158,7 +159,8 @@ def save_checkpoint(accelerator, output_dir: str, state: TrainState, ema: ModelE
     save_file({"state": generator.get_state()}, os.path.join(tmp, f"generator_{accelerator.process_index}.safetensors"))
     if accelerator.is_main_process:
         save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, os.path.join(tmp, "ema.safetensors"))
-        _write_json(os.path.join(tmp, "trainer_state.json"), {"step": state.step, "positions": state.positions})
+        _write_json(os.path.join(tmp, "trainer_state.json"),
+                    {"step": state.step, "skipped": state.skipped, "positions": state.positions})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if os.path.isdir(final):  # the same step saved before a resume: keep the older copy aside
@@ -185,6 +187,7 @@ def load_checkpoint(accelerator, path: str, state: TrainState, ema: ModelEMA, ge
         ema.module.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
         generator.set_state(load_file(os.path.join(path, f"generator_{accelerator.process_index}.safetensors"))["state"])
         state.step = int(saved["step"])
+        state.skipped = int(saved.get("skipped", 0))
         state.positions = {k: [int(e), int(b)] for k, (e, b) in saved["positions"].items()}
     except Exception as e:  # unreadable, truncated, another model: the user must know, never a silent restart
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -274,6 +277,12 @@ class MetricsLog:
 
 # Order of the statistics in the one flat tensor that is all-reduced at logging steps.
 SUMMED = ("loss", "loss_x", "loss_u", "mask_count", "num_unlabeled", "pseudo_label_correct")
+
+
+def _all_finite(accelerator, loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every process (a host sync and a collective)."""
+    flag = torch.isfinite(loss.detach()).float()
+    return bool(accelerator.reduce(flag, reduction="sum") == accelerator.num_processes)
 
 
 def _any_process(accelerator, stop: StopSignal) -> bool:
@@ -494,30 +503,37 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
             x, y, u_w, strong, u_y = views(next(labeled_iter), next(unlabeled_iter))
             # Forward and loss: one pass over all three views, so BatchNorm sees the whole batch.
             loss, stats = core(x, y, u_w, strong, u_y)
-            # Backward, optimizer step, schedule, EMA.
-            accelerator.backward(loss)
-            optimizer.step()
+            # Only on request: a host sync (and, with several processes, a collective) every step.
+            finite = not cfg.skip_nonfinite_steps or _all_finite(accelerator, loss)
+            # Backward, optimizer step, schedule, EMA. A skipped step still advances the schedule.
+            if finite:
+                accelerator.backward(loss)
+                optimizer.step()
             lr = scheduler.get_last_lr()[0]  # the rate this step used (a Python float, no sync)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            ema.update(live_model, state.step)
+            if finite:
+                ema.update(live_model, state.step)
+                # Statistics stay on the device until a logging step.
+                for k in (*SUMMED, "mask_per_class"):
+                    sums[k] = sums[k] + stats[k] if k in sums else stats[k].clone()
+                window_steps += 1
+            else:
+                state.skipped += 1
             state.step += 1
             bar.update(1)
-            # Statistics stay on the device until a logging step.
-            for k in (*SUMMED, "mask_per_class"):
-                sums[k] = sums[k] + stats[k] if k in sums else stats[k].clone()
-            window_steps += 1
             step = state.step
 
             logging = step % cfg.logging_steps == 0 or step == cfg.max_train_steps
-            if logging:
+            if logging and window_steps:
                 row = _summarise(sums, window_steps, accelerator)  # host sync: once per logging step
                 if not math.isfinite(row["loss"]):
                     raise nonfinite(step)
                 elapsed = time.perf_counter() - window_start
                 row = dict(step=step, lr=lr,
                            images_per_s=(B + U) * world * window_steps / max(elapsed, 1e-9),
-                           labeled_seen=step * B * world, unlabeled_seen=step * U * world, **row)
+                           labeled_seen=step * B * world, unlabeled_seen=step * U * world,
+                           skipped_steps=state.skipped, **row)
                 metrics.write(row)
                 if bar_on:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", mask=f"{row['mask_ratio']:.2f}",
@@ -547,6 +563,8 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
         bar.close()
 
     # ---- End: final evaluation, final checkpoint, the EMA model.
+    if not safe_to_save():
+        raise nonfinite(state.step)
     result = run_eval(state.step)
     if cfg.checkpointing_steps and state.step % cfg.checkpointing_steps:
         checkpoint()

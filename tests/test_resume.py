@@ -145,3 +145,39 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     for step in saved:  # no checkpoint holds non-finite weights
         weights = load_file(out / "checkpoints" / f"step_{step}" / "model.safetensors")
         assert all(torch.isfinite(w.float()).all() for w in weights.values())
+
+
+def test_one_nonfinite_step_is_skipped_and_counted_on_request(tmp_path):
+    launcher = [sys.executable, str(ROOT / "tests" / "nan_at_step.py"), "3"]
+    out = tmp_path / "skip"
+    result = run_train(QUICK + ["--max_train_steps", 6, "--output_dir", out, "--skip_nonfinite_steps"],
+                       launcher=launcher)
+    check_ok(result)
+    rows = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    assert 3 not in rows and sorted(rows) == [1, 2, 4, 5, 6]  # step 3 was skipped, not logged as NaN
+    assert rows[2]["skipped_steps"] == 0 and rows[6]["skipped_steps"] == 1
+    assert all(torch.isfinite(w.float()).all() for w in load_file(out / "model.safetensors").values())
+
+    out = tmp_path / "stop"
+    result = run_train(QUICK + ["--max_train_steps", 6, "--output_dir", out], launcher=launcher)
+    assert result.returncode == 1 and "are not finite at step 3" in result.stderr, result.stderr[-2000:]
+
+
+def test_two_process_resume_is_exact(tmp_path):
+    from test_e2e import ACCELERATE
+    import shutil
+
+    args = QUICK + ["--max_train_steps", 12, "--checkpointing_steps", 6]
+    straight = tmp_path / "straight"
+    check_ok(run_train(args + ["--output_dir", straight], launcher=ACCELERATE, timeout=300))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    (resumed / "metrics.jsonl").write_text("")
+    result = run_train(args + ["--output_dir", resumed, "--resume_from_checkpoint", resumed / "checkpoints" / "step_6"],
+                       launcher=ACCELERATE, timeout=300)
+    check_ok(result)
+    after = losses(resumed)
+    assert sorted(after) == list(range(7, 13))
+    assert after == pytest.approx({k: v for k, v in losses(straight).items() if k > 6}, rel=1e-6, abs=1e-7)
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
