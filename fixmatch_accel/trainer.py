@@ -216,6 +216,29 @@ def _check_output_dir(cfg: TrainConfig, resuming: bool) -> None:
         )
 
 
+# The package to install for each accelerate tracker (accelerate itself only warns and logs nothing).
+TRACKER_PACKAGES = dict(tensorboard="tensorboard (or tensorboardX)", wandb="wandb", mlflow="mlflow", comet_ml="comet_ml",
+                        aim="aim", clearml="clearml", dvclive="dvclive", swanlab="swanlab", trackio="trackio")
+
+
+def _trackers(report_to: str):
+    """`--report_to` as accelerate's log_with: None, 'all', or a list of installed trackers."""
+    from accelerate.tracking import get_available_trackers
+
+    if report_to == "none":
+        return None
+    if report_to == "all":
+        return "all"
+    names = [n.strip() for n in report_to.split(",") if n.strip()]
+    available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    for name in names:
+        if name not in TRACKER_PACKAGES:
+            raise UsageError(f"--report_to {name!r}: unknown tracker (choose from none, all, {', '.join(TRACKER_PACKAGES)})")
+        if name not in available:
+            raise UsageError(f"--report_to {name}: the package is not installed: pip install {TRACKER_PACKAGES[name]}")
+    return names
+
+
 def _make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator, DataLoaderConfiguration
 
@@ -226,7 +249,7 @@ def _make_accelerator(cfg: TrainConfig):
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=cfg.mixed_precision,
-        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        log_with=_trackers(cfg.report_to),
         project_dir=cfg.output_dir,
         # The schedule counts optimizer steps, whatever the number of processes.
         step_scheduler_with_optimizer=False,

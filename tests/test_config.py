@@ -53,3 +53,16 @@ def test_every_field_has_help_and_a_flag():
     flags = {a.dest for a in build_parser()._actions}
     for f in dataclasses.fields(TrainConfig):
         assert f.name in flags and f.metadata["help"]
+
+
+def test_report_to_names_the_missing_package(monkeypatch):
+    import accelerate.tracking
+
+    from fixmatch_accel.trainer import _trackers
+
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: ["wandb"])
+    assert _trackers("none") is None and _trackers("all") == "all" and _trackers("wandb") == ["wandb"]
+    with pytest.raises(UsageError, match="--report_to tensorboard: the package is not installed: pip install tensorboard"):
+        _trackers("wandb,tensorboard")
+    with pytest.raises(UsageError, match="--report_to 'tensorbored': unknown tracker"):
+        _trackers("tensorbored")
