@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         tp, is_bool = _arg_type(hints[f.name])
-        help_text = f"{f.metadata['help']} (default: {f.default!r})"
+        help_text = f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%")  # argparse formats help with %
         if is_bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
         else:

@@ -66,3 +66,11 @@ def test_report_to_names_the_missing_package(monkeypatch):
         _trackers("wandb,tensorboard")
     with pytest.raises(UsageError, match="--report_to 'tensorbored': unknown tracker"):
         _trackers("tensorbored")
+
+
+def test_help_lists_every_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--crop_padding" in out and "12.5%" in out and "(default: 0.95)" in out and "--no-hflip" in out
