@@ -74,3 +74,14 @@ def test_help_lists_every_flag_with_its_default(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--crop_padding" in out and "12.5%" in out and "(default: 0.95)" in out and "--no-hflip" in out
+
+
+def test_console_script_is_installed_and_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "fixmatch-train"
+    assert script.exists(), "install the package (pip install -e .) to get the fixmatch-train command"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage: fixmatch-train" in result.stdout
