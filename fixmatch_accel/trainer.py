@@ -49,6 +49,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]:
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
+def model_inputs(images, mean, std, channels_last: bool):
+    """uint8 [N, C, H, W] -> the normalised float batch the model takes, in its memory layout."""
+    inputs = augment.normalize_batch(images, mean, std)
+    return inputs.contiguous(memory_format=torch.channels_last) if channels_last else inputs
+
+
 def forward_loss(model, x, y, u_w, u_s, u_y, *, mean, std, channels_last: bool, threshold: float,
                  temperature: float, lambda_u: float):
     """One forward over cat([x, u_w, u_s]) (uint8 views) and the FixMatch loss: `(loss, stats)`.
@@ -56,10 +62,7 @@ def forward_loss(model, x, y, u_w, u_s, u_y, *, mean, std, channels_last: bool, 
     BatchNorm sees all three views at once, as in the paper. Free of host syncs and
     of data-dependent shapes, so it compiles to one graph.
     """
-    inputs = augment.normalize_batch(torch.cat([x, u_w, u_s]), mean, std)
-    if channels_last:
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
-    logits = model(inputs)  # a prepared model runs under the run's autocast
+    logits = model(model_inputs(torch.cat([x, u_w, u_s]), mean, std, channels_last))  # a prepared model runs under the run's autocast
     b = x.shape[0]
     logits_u_w, logits_u_s = logits[b:].chunk(2)
     return fixmatch_loss(logits[:b], y, logits_u_w, logits_u_s, threshold=threshold, temperature=temperature,
@@ -466,9 +469,7 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
                 torch.compiler.cudagraph_mark_step_begin()  # a new step: earlier graph outputs may be reused
                 return compiled(*args)
 
-    def eval_inputs(images):
-        inputs = augment.normalize_batch(images, mean_t, std_t)
-        return inputs.contiguous(memory_format=torch.channels_last) if channels_last else inputs
+    eval_inputs = partial(model_inputs, mean=mean_t, std=std_t, channels_last=channels_last)
 
     # ---- What the run leaves: config.json (timm-style model keys + every setting), metrics.jsonl.
     if is_main:
