@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from . import augment
 from .config import TrainConfig
-from .data import (DecodedImages, ImageDataset, batch_identity, channel_stats, decode_split, labeled_split, load_data, native_size, repeat_to_fill,
-                   save_labeled_split)
+from .data import (DecodedImages, ImageDataset, batch_identity, channel_stats, decode_split, labeled_split,
+                   load_data, native_size, repeat_to_fill, save_labeled_split)
 from .ema import ModelEMA
 from .errors import UsageError
 from .evaluate import evaluate
@@ -62,7 +62,8 @@ def forward_loss(model, x, y, u_w, u_s, u_y, *, mean, std, channels_last: bool, 
     BatchNorm sees all three views at once, as in the paper. Free of host syncs and
     of data-dependent shapes, so it compiles to one graph.
     """
-    logits = model(model_inputs(torch.cat([x, u_w, u_s]), mean, std, channels_last))  # a prepared model runs under the run's autocast
+    # A prepared model runs under the run's autocast.
+    logits = model(model_inputs(torch.cat([x, u_w, u_s]), mean, std, channels_last))
     b = x.shape[0]
     logits_u_w, logits_u_s = logits[b:].chunk(2)
     return fixmatch_loss(logits[:b], y, logits_u_w, logits_u_s, threshold=threshold, temperature=temperature,
@@ -89,7 +90,7 @@ class TrainState:
 
 
 class Stopped(Exception):
-    """Raised after a signal made the run checkpoint and stop; carries the exit code."""
+    """Ends a run early with a message and an exit code: a stop signal (after a checkpoint) or a non-finite step."""
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
@@ -305,16 +306,20 @@ class MetricsLog:
 SUMMED = ("loss", "loss_x", "loss_u", "mask_count", "num_unlabeled", "pseudo_label_correct")
 
 
+def _processes_with(accelerator, flag) -> int:
+    """How many processes hold a true `flag` (a collective and a host sync: call only where allowed)."""
+    count = torch.as_tensor(flag, dtype=torch.float32, device=accelerator.device)
+    return int(accelerator.reduce(count, reduction="sum"))
+
+
 def _all_finite(accelerator, loss: torch.Tensor) -> bool:
-    """Whether the loss is finite on every process (a host sync and a collective)."""
-    flag = torch.isfinite(loss.detach()).float()
-    return bool(accelerator.reduce(flag, reduction="sum") == accelerator.num_processes)
+    """Whether the loss is finite on every process."""
+    return _processes_with(accelerator, torch.isfinite(loss.detach())) == accelerator.num_processes
 
 
 def _any_process(accelerator, stop: StopSignal) -> bool:
-    """Whether any process received a stop signal (a collective: only at logging steps)."""
-    flag = torch.tensor(float(stop.signum is not None), device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum") > 0)
+    """Whether any process received a stop signal (called only at logging steps)."""
+    return _processes_with(accelerator, stop.signum is not None) > 0
 
 
 def _summarise(sums: Dict[str, torch.Tensor], steps: int, accelerator) -> Dict:
