@@ -39,17 +39,24 @@ class _BasicBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """WRN-d-k for 32x32-ish inputs: 3 groups of (d-4)/6 pre-activation blocks."""
+    """WRN-d-k: `groups` stages of n pre-activation blocks, widths 16k, 32k, 64k, ...
 
-    def __init__(self, num_classes: int, depth: int = 28, widen_factor: int = 2, in_chans: int = 3):
+    depth = 2*groups*n + groups + 1 (6n+4 for the usual three stages at 32x32; 8n+5 for
+    the four stages of the paper's STL-10 network at 96x96). `first_stride` 2 halves the
+    input in the first stage (USB's `wrn_var_37_2`) so a 96x96 image ends at 6x6.
+    """
+
+    def __init__(self, num_classes: int, depth: int = 28, widen_factor: int = 2, in_chans: int = 3,
+                 groups: int = 3, first_stride: int = 1):
         super().__init__()
-        if (depth - 4) % 6:
-            raise ValueError(f"WRN depth must be 6n+4, got {depth}")
-        n = (depth - 4) // 6
-        widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        if (depth - groups - 1) % (2 * groups):
+            raise ValueError(f"a {groups}-stage WRN needs depth {2 * groups}n+{groups + 1}, got {depth}")
+        n = (depth - groups - 1) // (2 * groups)
+        widths = [16] + [16 * widen_factor << g for g in range(groups)]
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
         blocks = []
-        for g, stride in enumerate((1, 2, 2)):
+        for g in range(groups):
+            stride = first_stride if g == 0 else 2
             for i in range(n):
                 blocks.append(
                     _BasicBlock(
@@ -60,11 +67,11 @@ class WideResNet(nn.Module):
                     )
                 )
         self.blocks = nn.Sequential(*blocks)
-        self.bn = nn.BatchNorm2d(widths[3], momentum=BN_MOMENTUM)
+        self.bn = nn.BatchNorm2d(widths[-1], momentum=BN_MOMENTUM)
         self.relu = nn.LeakyReLU(0.1, inplace=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(widths[3], num_classes)
-        self.num_features = widths[3]
+        self.fc = nn.Linear(widths[-1], num_classes)
+        self.num_features = widths[-1]
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
@@ -106,6 +113,8 @@ class SmallCNN(nn.Module):
 BUILTIN_MODELS = {
     "wrn28_2": lambda c, i: WideResNet(c, 28, 2, i),
     "wrn28_8": lambda c, i: WideResNet(c, 28, 8, i),
+    # STL-10 (96x96) in the paper: its TF `resnet` with 4 stages of 4 blocks, filters 32.
+    "wrn37_2": lambda c, i: WideResNet(c, 37, 2, i, groups=4, first_stride=2),
     "small_cnn": lambda c, i: SmallCNN(c, i),
 }
 
