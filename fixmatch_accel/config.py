@@ -1,15 +1,21 @@
 """Every knob of a run in one dataclass; the command line is generated from it.
 
 Order of precedence, lowest first: the field defaults (the paper's settings), the
-built-in demo (only when no dataset is named), then flags given on the command
-line. `config.json` records where each value came from.
+built-in demo (only when no dataset is named), a --preset (presets.yaml), a --config
+YAML file, then flags given on the command line. `config.json` records where each
+value came from.
 """
 
 import argparse
 import dataclasses
+import difflib
+import re
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
 
 from .errors import UsageError
 
@@ -75,6 +81,10 @@ class TrainConfig:
     report_to: str = _f("none", "Trackers for accelerate (tensorboard, wandb, ..., all) besides metrics.jsonl; 'none' for none.")
     seed: int = _f(0, "Seed for the labeled split, initialisation, data order and augmentation.")
 
+    # Presets and config files (recorded so config.json says how the run was set up)
+    preset: Optional[str] = _f(None, "A paper setting from fixmatch_accel/presets.yaml (cifar10-40, cifar100-400, svhn-250, stl10-1000, ...); 'list' prints them. A --config file and flags override it.")
+    config: Optional[str] = _f(None, "YAML file of settings, one `field_name: value` per line (keys as in --help without the dashes); flags override it.")
+
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -127,19 +137,146 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PRESETS_FILE = "fixmatch_accel/presets.yaml"  # shipped as package data (setup.cfg)
+
+
+def _read_yaml(text: str, where: str) -> Dict[str, Any]:
+    """A YAML mapping of settings, or a one-line UsageError naming `where`."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"line {mark.line + 1}: " if mark is not None else ""
+        raise UsageError(f"{where}: not valid YAML ({at}{getattr(e, 'problem', None) or e})") from None
+    if data is None:  # an empty file sets nothing
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{where}: expected a mapping of `setting: value` lines, got a {type(data).__name__}")
+    return data
+
+
+def _presets() -> Dict[str, Dict[str, Any]]:
+    text = resources.files(__package__).joinpath("presets.yaml").read_text(encoding="utf-8")
+    # Keys starting with "_" are YAML anchors shared by several presets.
+    return {k: v for k, v in _read_yaml(text, PRESETS_FILE).items() if not k.startswith("_")}
+
+
+def preset_names() -> List[str]:
+    return list(_presets())
+
+
+def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """Convert a YAML value for field `f` the way the command line would, or raise naming key and file."""
+    annotation = typing.get_type_hints(TrainConfig)[f.name]
+    tp, is_bool = _arg_type(annotation)
+
+    def bad(expected: str, hint: str = "") -> UsageError:
+        return UsageError(f"{where}: {f.name}: expected {expected}, got {value!r}{hint}")
+
+    if value is None:
+        if typing.get_origin(annotation) is typing.Union:  # Optional: null means "unset"
+            return None
+        raise bad(f"a value of type {tp.__name__}")
+    if is_bool:
+        if isinstance(value, bool):
+            return value
+        raise bad("true or false")
+    if isinstance(value, bool):  # YAML reads unquoted yes/no/on/off as booleans
+        raise bad(f"a {tp.__name__}", " (quote it: YAML reads unquoted yes/no/on/off as booleans)")
+    if tp is str and isinstance(value, (str, int)):
+        value = str(value)  # what the command line passes for `2014`
+    elif (tp is int and isinstance(value, (str, int))) or (tp is float and isinstance(value, (str, int, float))):
+        try:  # strings too: PyYAML reads 5e-4 (no dot) as the string "5e-4"
+            value = tp(value)
+        except ValueError:
+            raise bad("an integer" if tp is int else "a number") from None
+    else:
+        raise bad({int: "an integer", float: "a number", str: "a string"}.get(tp, tp.__name__))
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise bad(f"one of {', '.join(choices)}")
+    return value
+
+
+def _settings(raw: Dict[Any, Any], where: str) -> Dict[str, Any]:
+    """Check a preset's or a config file's keys against the fields and convert its values."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for key, value in raw.items():
+        name = str(key)
+        if name == "config":
+            raise UsageError(f"{where}: a config file cannot name another one (key 'config')")
+        if name not in fields:
+            bare = name.lstrip("-").replace("-", "_")  # someone wrote the flag: --learning-rate
+            close = [bare] if bare in fields else difflib.get_close_matches(bare, list(fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UsageError(f"{where}: unknown setting '{name}'{hint}; keys are TrainConfig field names, as in --help without the dashes")
+        out[name] = _coerce(fields[name], value, where)
+    return out
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """The settings of a --config YAML file, checked and converted."""
+    where = f"--config {path}"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise UsageError(f"{where}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{where}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    return _settings(_read_yaml(text, where), where)
+
+
+def load_preset(name: str) -> Dict[str, Any]:
+    """The settings of a named preset, checked and converted like a config file."""
+    presets = _presets()
+    if name not in presets:
+        raise UsageError(f"--preset {name!r}: unknown; choose from {', '.join(presets)} (or 'list')")
+    return _settings(presets[name], f"preset {name} in {PRESETS_FILE}")
+
+
+def _print_presets() -> None:
+    for name, p in _presets().items():
+        print(f"{name:16s} {p.get('dataset_name')}, {p.get('num_labeled')} labels, {p.get('model')}, weight decay {p.get('weight_decay')}")
+
+
 def parse_args(argv: Optional[List[str]] = None) -> Tuple[TrainConfig, Dict[str, str]]:
-    """Return the resolved config and, for each field, where its value came from."""
+    """Return the resolved config and, for each field, where its value came from.
+
+    Layers, lowest first, with the source recorded for each field: field defaults
+    ("default"), the demo ("demo", only when no other layer names a dataset), a preset
+    ("preset:NAME"), a config file ("file:PATH"), command-line flags ("flag").
+    """
     given = vars(build_parser().parse_args(argv))
+    from_file = load_config_file(given["config"]) if given.get("config") else {}
+    preset = given.get("preset", from_file.get("preset"))  # a file may name a preset; a flag wins
+    if preset == "list":
+        _print_presets()
+        raise SystemExit(0)
+    layers = [
+        (f"preset:{preset}", load_preset(preset) if preset else {}),
+        (f"file:{given.get('config')}", from_file),
+        ("flag", given),
+    ]
     values, sources = {}, {}
     for f in dataclasses.fields(TrainConfig):
         values[f.name], sources[f.name] = f.default, "default"
-    if given.get("dataset_name") is None and given.get("train_dir") is None:
+    if not any(layer.get(k) is not None for _, layer in layers for k in ("dataset_name", "train_dir")):
         for k, v in DEMO.items():
             values[k], sources[k] = v, "demo"
-    for k, v in given.items():
-        values[k], sources[k] = v, "flag"
+    for source, layer in layers:
+        for k, v in layer.items():
+            values[k], sources[k] = v, source
     cfg = TrainConfig(**values)
-    validate(cfg)
+    try:
+        validate(cfg)
+    except UsageError as e:  # say which layer set a bad value that did not come from a flag
+        m = re.match(r"--(\w+)", str(e))
+        source = sources.get(m.group(1), "flag") if m else "flag"
+        if source.startswith(("preset:", "file:")):
+            raise UsageError(f"{e} (set by {source})") from None
+        raise
     return cfg, sources
 
 
