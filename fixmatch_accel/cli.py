@@ -1,27 +1,37 @@
 """`fixmatch-train` / `python train.py`: parse the flags, run, turn input errors into one line."""
 
 import sys
-from typing import List, Optional
+from functools import partial
+from typing import Callable, List, Optional
 
 from .errors import UsageError
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def report_usage_errors(prog: str, run: Callable[[], int]) -> int:
+    """Return `run()`'s exit status; a UsageError becomes one line `prog: error: ...` and status 2."""
+    try:
+        return run()
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _train(argv: Optional[List[str]]) -> int:
     from .config import parse_args
 
-    try:
-        cfg, sources = parse_args(argv)
-        from .trainer import Stopped, train  # imported late so `--help` stays fast
+    cfg, sources = parse_args(argv)
+    from .trainer import Stopped, train  # imported late so `--help` stays fast
 
-        try:
-            train(cfg, sources)
-        except Stopped as e:
-            print(f"fixmatch-train: {'' if e.exit_code == 0 else 'error: '}{e}", file=sys.stderr)
-            return e.exit_code
-    except UsageError as e:
-        print(f"fixmatch-train: error: {e}", file=sys.stderr)
-        return 2
+    try:
+        train(cfg, sources)
+    except Stopped as e:
+        print(f"fixmatch-train: {'' if e.exit_code == 0 else 'error: '}{e}", file=sys.stderr)
+        return e.exit_code
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return report_usage_errors("fixmatch-train", partial(_train, argv))
 
 
 if __name__ == "__main__":

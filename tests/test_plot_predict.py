@@ -1,0 +1,133 @@
+"""Plots, predictions and the timm round trip, checked on the files a user gets."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fixmatch_accel.errors import UsageError
+from fixmatch_accel.plot import read_metrics, write_plots
+
+SCRIPTS = Path(sys.executable).parent
+TAB_RED = (214, 39, 40)  # matplotlib's tab:red, the colour of a starved class in per_class.png
+
+
+def script(name: str) -> str:
+    path = SCRIPTS / name
+    assert path.exists(), f"install the package (pip install -e .) to get the {name} command"
+    return str(path)
+
+
+def fabricate_run(root: Path, steps=range(10, 201, 10), num_classes=4, eval_every=50, starved=None,
+                  config=True, results=True) -> Path:
+    """A run folder written by hand: metrics.jsonl rows as the trainer writes them, config.json, eval_results.json."""
+    root.mkdir(parents=True, exist_ok=True)
+    names = [f"class_{i}" for i in range(num_classes)]
+    rows = []
+    for s in steps:
+        mask = [10] * num_classes
+        if starved is not None:
+            mask[starved] = 0
+        rows.append(dict(step=s, lr=0.03 * math.cos(7 * math.pi * s / (16 * 200)), images_per_s=900.0 + s,
+                         loss=2.0 / s ** 0.3, loss_x=1.2 / s ** 0.3, loss_u=0.8 / s ** 0.3, mask_ratio=min(1.0, s / 150),
+                         pseudo_label_acc=0.5 + s / 500, mask_per_class=mask))
+        if s % eval_every == 0:
+            rows.append(dict(step=s, top1=40 + s / 5, top5=80 + s / 20, per_class=[50.0 + i for i in range(num_classes)]))
+    (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if config:
+        (root / "config.json").write_text(json.dumps(dict(
+            architecture="small_cnn", num_classes=num_classes, label_names=names,
+            settings=dict(threshold=0.95), resolved=dict(num_labeled=4 * num_classes))))
+    if results and any("top1" in r for r in rows):
+        last = [r for r in rows if "top1" in r][-1]
+        (root / "eval_results.json").write_text(json.dumps(dict(
+            top1=last["top1"], top5=last["top5"], per_class=dict(zip(names, last["per_class"])))))
+    return root
+
+
+def check_png(path: Path, min_size=(800, 250)) -> np.ndarray:
+    """A real picture: a sizeable PNG of at least `min_size` pixels, not one flat colour."""
+    assert path.is_file() and path.stat().st_size > 15_000, path
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width >= min_size[0] and im.height >= min_size[1], im.size
+        pixels = np.asarray(im.convert("RGB"))
+    packed = (pixels[..., 0].astype(np.int32) << 16) | (pixels[..., 1].astype(np.int32) << 8) | pixels[..., 2]
+    assert len(np.unique(packed)) > 50  # text, lines, bars: many colours, not a blank canvas
+    assert (pixels < 128).any(axis=-1).mean() > 0.005  # dark ink (titles, labels) covers a visible part
+    return pixels
+
+
+def has_colour(pixels: np.ndarray, rgb) -> bool:
+    return bool((np.abs(pixels.astype(int) - rgb).sum(axis=-1) < 12).sum() > 50)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def test_read_metrics_keeps_the_resumed_history(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [dict(step=2, loss=1.0), dict(step=4, loss=0.9), dict(step=4, top1=10.0), dict(step=6, loss=0.8),
+            dict(step=8, loss=0.7), dict(step=8, top1=20.0),
+            # resumed from the step-4 checkpoint: steps 6 and 8 are logged again, then 10
+            dict(step=6, loss=0.5), dict(step=8, loss=0.4), dict(step=8, top1=30.0), dict(step=10, loss=0.3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 12, "lo')  # a line cut by a kill
+    train, evals = read_metrics(str(path))
+    assert [(r["step"], r["loss"]) for r in train] == [(2, 1.0), (4, 0.9), (6, 0.5), (8, 0.4), (10, 0.3)]
+    assert [(r["step"], r["top1"]) for r in evals] == [(4, 10.0), (8, 30.0)]
+
+    # Resumed from step 4 and stopped at 6: the abandoned branch's step 8 (train and eval) is gone too.
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:6] + [dict(step=6, loss=0.5)]))
+    train, evals = read_metrics(str(path))
+    assert [r["step"] for r in train] == [2, 4, 6] and train[-1]["loss"] == 0.5
+    assert [r["step"] for r in evals] == [4]
+
+
+def test_plots_of_a_run_show_starved_classes(tmp_path):
+    paths = write_plots(str(fabricate_run(tmp_path / "run", starved=2)))
+    assert [Path(p).name for p in paths] == ["training_curves.png", "per_class.png"]
+    curves = check_png(Path(paths[0]), min_size=(1400, 800))
+    per_class = check_png(Path(paths[1]))
+    assert has_colour(curves, TAB_RED)  # the learning-rate line
+    assert has_colour(per_class, TAB_RED)  # the class with no confident pseudo-label is flagged
+    # The same run without a starved class has no red bar.
+    balanced = write_plots(str(fabricate_run(tmp_path / "balanced")))
+    assert not has_colour(check_png(Path(balanced[1])), TAB_RED)
+
+
+@pytest.mark.parametrize("kind", ["one_row", "no_eval", "no_config", "many_classes"])
+def test_plots_of_partial_runs(tmp_path, kind):
+    run = dict(
+        one_row=lambda: fabricate_run(tmp_path / kind, steps=[1], eval_every=1000),
+        no_eval=lambda: fabricate_run(tmp_path / kind, eval_every=1000),
+        no_config=lambda: fabricate_run(tmp_path / kind, config=False, results=False),
+        many_classes=lambda: fabricate_run(tmp_path / kind, num_classes=120, starved=7),
+    )[kind]()
+    curves, per_class = map(Path, write_plots(str(run)))
+    check_png(curves, min_size=(1400, 800))
+    check_png(per_class)
+
+
+def test_plot_cli_writes_both_pictures_and_errors_in_one_line(tmp_path):
+    run = fabricate_run(tmp_path / "run")
+    result = subprocess.run([script("fixmatch-plot"), str(run)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(run / "training_curves.png"), str(run / "per_class.png")]
+    check_png(run / "per_class.png")
+
+    (tmp_path / "empty").mkdir()
+    for folder, message in ((tmp_path / "missing", "no such folder"), (tmp_path / "empty", "has no metrics.jsonl")):
+        result = subprocess.run([script("fixmatch-plot"), str(folder)], capture_output=True, text=True, timeout=120)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0].startswith("fixmatch-plot: error:") and message in lines[0]
+
+
+def test_write_plots_on_an_empty_log_is_a_usage_error(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(UsageError, match="holds no rows yet"):
+        write_plots(str(tmp_path))
