@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import run_train, write_image_folder
 from fixmatch_accel.errors import UsageError
 from fixmatch_accel.plot import read_metrics, write_plots
 
@@ -131,3 +133,136 @@ def test_write_plots_on_an_empty_log_is_a_usage_error(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(UsageError, match="holds no rows yet"):
         write_plots(str(tmp_path))
+
+
+# ---------------------------------------------------------------- one real run for the rest
+
+
+@pytest.fixture(scope="module")
+def timm_run(tmp_path_factory):
+    """One tiny run of a timm architecture on an image folder (its val folder is the eval split)."""
+    root = tmp_path_factory.mktemp("timm_run")
+    write_image_folder(root / "train", per_class=10)
+    write_image_folder(root / "val", per_class=3, seed=1)
+    out = root / "run"
+    result = run_train(["--train_dir", root / "train", "--validation_dir", root / "val", "--model", "resnet10t",
+                        "--num_labeled", "6", "--per_device_train_batch_size", "3", "--mu", "2", "--threshold", "0",
+                        "--max_train_steps", "3", "--logging_steps", "1", "--eval_steps", "2",
+                        "--checkpointing_steps", "0", "--dataloader_num_workers", "0", "--output_dir", out])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+def test_plot_cli_on_a_real_run(timm_run):
+    for name in ("training_curves.png", "per_class.png"):
+        (timm_run / name).unlink(missing_ok=True)
+    result = subprocess.run([script("fixmatch-plot"), str(timm_run)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    check_png(timm_run / "training_curves.png", min_size=(1400, 800))
+    check_png(timm_run / "per_class.png")
+
+
+def read_csv(path: Path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_an_image_folder_skips_a_corrupt_image(timm_run, tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(timm_run.parent / "val", folder)
+    (folder / "dog" / "broken.png").write_bytes(b"not a png")  # planted: skipped and counted, never a crash
+    (folder / "unsorted").mkdir()
+    shutil.copy(folder / "cat" / "0.png", folder / "unsorted" / "a.png")  # no class folder: no true label
+    (folder / "notes.txt").write_text("not an image, not an input")
+    result = subprocess.run([script("fixmatch-predict"), "--model_dir", str(timm_run), "--image_dir", str(folder),
+                             "--num_workers", "0"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped 1 unreadable image: dog/broken.png" in result.stderr and "Traceback" not in result.stderr
+
+    rows = read_csv(timm_run / "predictions.csv")
+    assert list(rows[0]) == ["input", "label", "prediction", "confidence", "correct",
+                             "top1", "top1_prob", "top2", "top2_prob", "top3", "top3_prob"]  # 3 classes: top-3
+    assert sorted(r["input"] for r in rows) == sorted(
+        [f"{c}/{i}.png" for c in ("cat", "dog", "frog") for i in range(3)] + ["unsorted/a.png"])
+    for r in rows:
+        assert r["prediction"] == r["top1"] and r["confidence"] == r["top1_prob"]
+        probs = [float(r[f"top{i}_prob"]) for i in (1, 2, 3)]
+        assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=1e-5)
+        assert sorted(r[f"top{i}"] for i in (1, 2, 3)) == ["cat", "dog", "frog"]
+        assert r["label"] == ("" if r["input"].startswith("unsorted") else r["input"].split("/")[0])
+        assert r["correct"] == ("" if not r["label"] else str(int(r["label"] == r["prediction"])))
+
+    # The val folder is the run's eval split: prepared as in training, the accuracy is the run's own.
+    top1 = json.loads((timm_run / "eval_results.json").read_text())["top1"]
+    assert f"accuracy: top-1 {top1:.2f}%  top-3 100.00% on 9 labeled images" in result.stdout
+    assert "wrote 10 predictions" in result.stdout and "(1 skipped)" in result.stdout
+
+
+def test_predict_image_files_into_a_chosen_csv(timm_run, tmp_path, capsys):
+    from fixmatch_accel.predict import main
+
+    files = [str(timm_run.parent / "val" / "frog" / "1.png"), str(timm_run.parent / "train" / "cat" / "4.png")]
+    assert main(["--model_dir", str(timm_run), *files, "--output_file", str(tmp_path / "p.csv"),
+                 "--num_workers", "0", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" not in out and "wrote 2 predictions" in out  # no labels, no accuracy
+    rows = read_csv(tmp_path / "p.csv")
+    assert [r["input"] for r in rows] == files and all(r["label"] == "" == r["correct"] for r in rows)
+
+
+def small_cnn_dir(root: Path) -> Path:
+    """A model folder as a digits run leaves it (random weights; enough to check the dataset path)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fixmatch_accel.models import create_model
+
+    torch.manual_seed(0)
+    root.mkdir()
+    model = create_model("small_cnn", 10)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "model.safetensors")
+    (root / "config.json").write_text(json.dumps(dict(
+        architecture="small_cnn", num_classes=10, label_names=[str(d) for d in range(10)],
+        pretrained_cfg=dict(input_size=[3, 8, 8], mean=[0.3] * 3, std=[0.4] * 3, num_classes=10))))
+    return root
+
+
+def test_predict_a_dataset_split(tmp_path, capsys):
+    from fixmatch_accel.predict import main
+
+    model_dir = small_cnn_dir(tmp_path / "digits_run")
+    assert main(["--model_dir", str(model_dir), "--dataset_name", "digits", "--max_samples", "40",
+                 "--num_workers", "0", "--batch_size", "16"]) == 0
+    out = capsys.readouterr().out
+    rows = read_csv(model_dir / "predictions.csv")
+    assert [r["input"] for r in rows] == [str(i) for i in range(40)]  # the test split's rows, in order
+    assert {r["label"] for r in rows} <= set("0123456789") and len({r["label"] for r in rows}) > 3
+    assert len(rows[0]) == 5 + 2 * 5  # top-5 of 10 classes
+    top1 = sum(r["label"] == r["prediction"] for r in rows) / 40 * 100
+    assert f"accuracy: top-1 {top1:.2f}%" in out and "on 40 labeled images" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model_dir", "{tmp}/absent", "x.png"], "--model_dir '{tmp}/absent': no such folder"),
+    (["--model_dir", "{weightless}", "x.png"], "no model.safetensors"),
+    (["--model_dir", "{model}"], "give exactly one input"),
+    (["--model_dir", "{model}", "{tmp}/absent.png"], "image '{tmp}/absent.png': no such file"),
+    (["--model_dir", "{model}", "--image_dir", "{tmp}"], "no image files in it"),
+    (["--model_dir", "{model}", "--dataset_name", "digits", "--split", "dev"], "--split 'dev': no such split"),
+    (["--model_dir", "{model}", "--dataset_name", "digits", "--image_column_name", "px"],
+     "--image_column_name 'px': no such column"),
+])
+def test_predict_bad_input_is_one_line(tmp_path, capsys, args, message):
+    from fixmatch_accel.predict import main
+
+    model = small_cnn_dir(tmp_path / "model")
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    shutil.copy(model / "config.json", weightless / "config.json")
+    fill = dict(tmp=tmp_path, model=model, weightless=weightless)
+    assert main([a.format(**fill) for a in args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fixmatch-predict: error:") and message.format(**fill) in lines[0]
+
