@@ -266,3 +266,64 @@ def test_predict_bad_input_is_one_line(tmp_path, capsys, args, message):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fixmatch-predict: error:") and message.format(**fill) in lines[0]
 
+
+# ---------------------------------------------------------------- timm round trip
+
+
+def project_inputs_and_logits(run_dir: Path):
+    """The val images as training's eval path prepares them, and the logits of the project's loader."""
+    import torch
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from fixmatch_accel.data import to_rgb
+    from fixmatch_accel.predict import load_run_model
+    from fixmatch_accel.trainer import model_inputs
+
+    run = load_run_model(str(run_dir), torch.device("cpu"))
+    files = sorted((run_dir.parent / "val").glob("*/*.png"))
+    images = torch.stack([pil_to_tensor(to_rgb(Image.open(f), run.size)) for f in files])
+    inputs = model_inputs(images, run.mean, run.std, channels_last=False)
+    with torch.no_grad():
+        return inputs, run.model(inputs), run
+
+
+def test_model_safetensors_loads_in_plain_timm(timm_run):
+    import timm
+    import torch
+
+    inputs, expected, run = project_inputs_and_logits(timm_run)
+
+    # The run folder is a timm model folder: config.json + model.safetensors, classes and normalisation included.
+    model = timm.create_model(f"local-dir:{timm_run}", pretrained=True).eval()
+    assert model.pretrained_cfg["label_names"] == ["cat", "dog", "frog"] and model.num_classes == 3
+    assert list(model.pretrained_cfg["mean"]) == run.mean and list(model.pretrained_cfg["std"]) == run.std
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs), expected)
+
+    # Or the weights file alone: timm's own resnet10t config says 1000 classes, so the overlay must say how many,
+    # or timm drops the classifier as a mismatch and initialises a new one at random.
+    model = timm.create_model("resnet10t", num_classes=3, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(timm_run / "model.safetensors"), num_classes=3))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(inputs), expected)
+
+
+@pytest.mark.xfail(strict=True, reason="config.json's pretrained_cfg lacks interpolation='bilinear', crop_pct=1.0, "
+                   "crop_mode='squash': timm's eval transform then resizes bicubic to size/0.875 and centre-crops")
+def test_timm_eval_transform_matches_training_preprocessing(timm_run):
+    import timm
+    import torch
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from fixmatch_accel.data import to_rgb
+    from fixmatch_accel.predict import load_run_model
+    from fixmatch_accel.trainer import model_inputs
+
+    run = load_run_model(str(timm_run), torch.device("cpu"))
+    model = timm.create_model(f"local-dir:{timm_run}", pretrained=True)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    rng = np.random.default_rng(0)
+    for shape in ((run.size, run.size, 3), (15, 20, 3), (40, 30, 3)):  # as trained, smaller and non-square, larger
+        image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+        ours = model_inputs(pil_to_tensor(to_rgb(image, run.size))[None], run.mean, run.std, channels_last=False)
+        torch.testing.assert_close(transform(image)[None], ours, atol=1e-5, rtol=0)
