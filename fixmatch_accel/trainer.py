@@ -603,6 +603,9 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
         _write_json(os.path.join(cfg.output_dir, "eval_results.json"),
                     dict(result, step=state.step, eval_split=data.eval_split,
                          per_class=dict(zip(data.class_names, result["per_class"]))))
+        from .plot import write_plots
+
+        write_plots(cfg.output_dir)  # training_curves.png, per_class.png
     metrics.close()
     accelerator.end_training()
     accelerator.print(f"final EMA model: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}% "

@@ -114,19 +114,22 @@ def test_plots_of_partial_runs(tmp_path, kind):
     check_png(per_class)
 
 
-def test_plot_cli_writes_both_pictures_and_errors_in_one_line(tmp_path):
+def test_plot_cli_writes_both_pictures(tmp_path):
     run = fabricate_run(tmp_path / "run")
     result = subprocess.run([script("fixmatch-plot"), str(run)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(run / "training_curves.png"), str(run / "per_class.png")]
     check_png(run / "per_class.png")
 
+
+@pytest.mark.parametrize("folder, message", [("missing", "no such folder"), ("empty", "has no metrics.jsonl")])
+def test_plot_cli_bad_folder_is_one_line(tmp_path, capsys, folder, message):
+    from fixmatch_accel.plot import main
+
     (tmp_path / "empty").mkdir()
-    for folder, message in ((tmp_path / "missing", "no such folder"), (tmp_path / "empty", "has no metrics.jsonl")):
-        result = subprocess.run([script("fixmatch-plot"), str(folder)], capture_output=True, text=True, timeout=120)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and len(lines) == 1, result.stderr
-        assert lines[0].startswith("fixmatch-plot: error:") and message in lines[0]
+    assert main([str(tmp_path / folder)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fixmatch-plot: error:") and message in lines[0]
 
 
 def test_write_plots_on_an_empty_log_is_a_usage_error(tmp_path):
@@ -153,11 +156,17 @@ def timm_run(tmp_path_factory):
     return out
 
 
+def test_a_finished_run_leaves_its_plots(timm_run):
+    check_png(timm_run / "training_curves.png", min_size=(1400, 800))
+    check_png(timm_run / "per_class.png")
+
+
 def test_plot_cli_on_a_real_run(timm_run):
+    from fixmatch_accel.plot import main
+
     for name in ("training_curves.png", "per_class.png"):
         (timm_run / name).unlink(missing_ok=True)
-    result = subprocess.run([script("fixmatch-plot"), str(timm_run)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    assert main([str(timm_run)]) == 0
     check_png(timm_run / "training_curves.png", min_size=(1400, 800))
     check_png(timm_run / "per_class.png")
 
