@@ -197,7 +197,7 @@ def plot_per_class(path: str, names: List[str], accuracy: Optional[np.ndarray], 
     even = 100.0 / max(n, 1)
     starved = share < STARVED * even
     headline = (f"{title}\nPer class: final EMA top-1 accuracy and share of the run's "
-                f"{int(total):,} confident pseudo-labels (dashed: an even share, 1/{n})")
+                f"{int(total):,} confident pseudo-label{'' if total == 1 else 's'} (dashed: an even share, 1/{n})")
     if n <= MAX_BARS:
         fig = Figure(figsize=(12, max(3.5, 0.32 * n + 2.0)), dpi=DPI, layout="constrained")
         ax_acc, ax_share = fig.subplots(1, 2, sharey=True)
