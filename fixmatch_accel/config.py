@@ -39,11 +39,15 @@ class TrainConfig:
     max_eval_samples: Optional[int] = _f(None, "Use only the first N rows of the eval split (for debugging).")
     num_labeled: int = _f(4000, "Total labeled examples, class-balanced (num_labeled / num_classes per class).")
     labeled_split_file: Optional[str] = _f(None, "Reuse the labeled indices of a saved labeled_split.json instead of drawing them.")
-    image_size: Optional[int] = _f(None, "Square side in pixels that every image is resized to; default: the first training image's size.")
+    image_size: Optional[int] = _f(None, "Square side in pixels that every image is resized to; default: the dataset's size when a sample of its images all have one size, else 32.")
     dataloader_num_workers: int = _f(4, "DataLoader worker processes per training process (capped by the CPU count).")
+    streaming: bool = _f(False, "Read the train and eval splits as streams (datasets' streaming=True): the labeled examples are kept in memory, the unlabeled data is read piece by piece and never held whole.")
+    shuffle_buffer_size: int = _f(2000, "With --streaming: examples in each DataLoader worker's shuffle buffer (raw bytes in memory).")
+    unlabeled_excludes_labeled: bool = _f(False, "Leave the labeled examples out of the unlabeled data (the paper keeps them in).")
+    max_bad_image_fraction: float = _f(0.01, "Unreadable images are skipped and counted; the run stops when more than this fraction of the images read were bad.")
 
     # Model
-    model: str = _f("wrn28_2", "wrn28_2, wrn28_8, small_cnn, or any timm model name (random init).")
+    model: str = _f("wrn28_2", "wrn28_2, wrn28_8, wrn37_2, small_cnn, or any timm model name (random init).")
 
     # FixMatch
     per_device_train_batch_size: int = _f(64, "Labeled images per process per step (B); unlabeled = mu * B.")
@@ -301,5 +305,11 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("give either --dataset_name or --train_dir, not both")
     if cfg.validation_dir is not None and cfg.train_dir is None:
         raise UsageError("--validation_dir needs --train_dir")
+    if cfg.shuffle_buffer_size < 1:
+        raise UsageError(f"--shuffle_buffer_size must be at least 1, got {cfg.shuffle_buffer_size}")
+    if not 0.0 <= cfg.max_bad_image_fraction <= 1.0:
+        raise UsageError(f"--max_bad_image_fraction must be in [0, 1], got {cfg.max_bad_image_fraction}")
+    if cfg.streaming and cfg.cache_decoded:
+        raise UsageError("--cache_decoded cannot be used with --streaming (a stream is never held whole)")
     if cfg.image_size is not None and cfg.image_size < 4:
         raise UsageError(f"--image_size must be at least 4, got {cfg.image_size}")

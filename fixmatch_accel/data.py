@@ -4,10 +4,11 @@ Every loader yields uint8 images [C, H, W] of one size; normalisation happens on
 the training device, so the host moves a quarter of the bytes that float32 would.
 """
 
+import io
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +20,12 @@ from .errors import UsageError
 
 @dataclass
 class SplitData:
-    """What the trainer needs to know about the loaded data."""
+    """What the trainer needs to know about the loaded data.
+
+    `train` and `eval` hold images undecoded (see decode_image): a datasets.Dataset,
+    or with --streaming a datasets.IterableDataset. `train_labels` are the class
+    indices of the train split in order (the positions the labeled split refers to).
+    """
 
     train: "datasets.Dataset"  # noqa: F821
     eval: "datasets.Dataset"  # noqa: F821
@@ -27,10 +33,22 @@ class SplitData:
     label_column: str
     class_names: List[str]
     eval_split: str
+    train_labels: np.ndarray = None
+    eval_labels: np.ndarray = None
+    shard_sizes: Optional[List[int]] = None  # streaming: rows in each shard of the train split
+    label_map: Optional[Dict] = None  # streaming with plain int/str labels: value -> class index
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_labels)
+
+    @property
+    def streaming(self) -> bool:
+        return self.shard_sizes is not None
 
 
 def load_digits_dataset():
@@ -53,8 +71,8 @@ def load_digits_dataset():
     return DatasetDict(train=build(train_idx), test=build(test_idx))
 
 
-def _load_raw(cfg):
-    from datasets import load_dataset
+def _load_raw(cfg, streaming: bool = False):
+    from datasets import IterableDatasetDict, load_dataset
 
     if cfg.train_dir is not None:
         for flag, path in (("--train_dir", cfg.train_dir), ("--validation_dir", cfg.validation_dir)):
@@ -65,17 +83,20 @@ def _load_raw(cfg):
         if cfg.validation_dir is not None:
             files["validation"] = os.path.join(cfg.validation_dir, "**")
         try:
-            return load_dataset("imagefolder", data_files=files)
+            return load_dataset("imagefolder", data_files=files, streaming=streaming)
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(f"--train_dir {cfg.train_dir!r}: {str(e).splitlines()[0]}") from None
 
     name = cfg.dataset_name
     if name == "digits":
-        return load_digits_dataset()
+        digits = load_digits_dataset()
+        if streaming:  # four shards, so that the streaming path can be tried on it
+            return IterableDatasetDict({k: v.to_iterable_dataset(num_shards=4) for k, v in digits.items()})
+        return digits
     if name.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(name)):
         raise UsageError(f"--dataset_name {name!r}: no such folder")
     try:
-        return load_dataset(os.path.expanduser(name), cfg.dataset_config_name)
+        return load_dataset(os.path.expanduser(name), cfg.dataset_config_name, streaming=streaming)
     except (FileNotFoundError, ConnectionError, ValueError) as e:
         raise UsageError(f"--dataset_name {name!r}: {str(e).splitlines()[0]}") from None
 
@@ -92,11 +113,12 @@ def _pick_column(features, flag: str, given: Optional[str], feature_type, kind: 
     return found[0]
 
 
-def load_data(cfg) -> SplitData:
-    """Load the train and eval splits and find the image and label columns."""
+def load_data(cfg, show_progress: bool = False) -> SplitData:
+    """Load the train and eval splits, find the image and label columns, read the labels."""
     from datasets import ClassLabel, Image, Value
 
-    raw = _load_raw(cfg)
+    streaming = getattr(cfg, "streaming", False)
+    raw = _load_raw(cfg, streaming)
     if cfg.train_split not in raw:
         raise UsageError(f"--train_split {cfg.train_split!r}: no such split (splits: {', '.join(raw)})")
     eval_split = cfg.eval_split
@@ -112,35 +134,79 @@ def load_data(cfg) -> SplitData:
 
     train, evaluation = raw[cfg.train_split], raw[eval_split]
     features = train.features
+    if features is None:
+        raise UsageError(f"--dataset_name {cfg.dataset_name!r}: the stream does not declare its features; "
+                         "load it without --streaming or give it typed columns (Image, ClassLabel)")
     image_col = _pick_column(features, "image_column_name", cfg.image_column_name, Image, "Image")
+    if cfg.train_dir is not None and cfg.label_column_name is None and "label" not in features:
+        # datasets gives an image folder a label column only when it holds two or more class folders.
+        folders = sorted(d.name for d in os.scandir(cfg.train_dir) if d.is_dir())
+        raise UsageError(f"--train_dir {cfg.train_dir!r}: has {len(folders)} class(es) ({', '.join(folders)}); "
+                         "FixMatch needs at least 2 (one subfolder per class)")
     label_col = _pick_column(features, "label_column_name", cfg.label_column_name, ClassLabel, "ClassLabel")
     if not isinstance(features[image_col], Image):
         raise UsageError(f"--image_column_name {image_col!r} holds {features[image_col]}, not images")
-    if label_col not in evaluation.features:
-        raise UsageError(f"eval split {eval_split!r} has no column {label_col!r} (columns: {', '.join(evaluation.features)})")
-    if not isinstance(features[label_col], ClassLabel):
+    for column in (image_col, label_col):
+        if evaluation.features is not None and column not in evaluation.features:
+            raise UsageError(f"eval split {eval_split!r} has no column {column!r} "
+                             f"(columns: {', '.join(evaluation.features)})")
+    plain = not isinstance(features[label_col], ClassLabel)
+    if plain:
         dtype = getattr(features[label_col], "dtype", None)
         if not isinstance(features[label_col], Value) or not (dtype.startswith(("int", "uint")) or dtype == "string"):
             raise UsageError(f"--label_column_name {label_col!r} holds {features[label_col]}, not class labels")
-        train, evaluation = _encode_labels(train, evaluation, label_col)
-
-    if cfg.max_train_samples is not None:
-        train = train.select(range(min(cfg.max_train_samples, len(train))))
+    # Undecoded: a bad image is skipped and counted by the loaders, never an exception inside datasets.
+    train = train.cast_column(image_col, Image(decode=False))
+    evaluation = evaluation.cast_column(image_col, Image(decode=False))
     if cfg.max_eval_samples is not None:
-        evaluation = evaluation.select(range(min(cfg.max_eval_samples, len(evaluation))))
-    class_names = list(train.features[label_col].names)
+        evaluation = (evaluation.take(cfg.max_eval_samples) if streaming
+                      else evaluation.select(range(min(cfg.max_eval_samples, len(evaluation)))))
+
+    label_map, shard_sizes = None, None
+    if streaming:
+        from .streaming import label_pass
+
+        train_values, shard_sizes = label_pass(train, label_col, cfg.max_train_samples, show_progress)
+        eval_values, _ = label_pass(evaluation, label_col)
+        if plain:
+            label_map, class_names = _class_index(train_values, eval_values)
+            train_values, eval_values = [label_map[v] for v in train_values], [label_map[v] for v in eval_values]
+        else:
+            class_names = list(features[label_col].names)
+    else:
+        if plain:
+            train, evaluation = _encode_labels(train, evaluation, label_col)
+        if cfg.max_train_samples is not None:
+            train = train.select(range(min(cfg.max_train_samples, len(train))))
+        class_names = list(train.features[label_col].names)
+        train_values, eval_values = train[label_col], evaluation[label_col]
+    source = "--train_dir" if cfg.train_dir else "--dataset_name"
     if len(class_names) < 2:
-        raise UsageError(f"the label column {label_col!r} has {len(class_names)} class(es); FixMatch needs at least 2")
-    return SplitData(train, evaluation, image_col, label_col, class_names, eval_split)
+        raise UsageError(f"{source} {cfg.train_dir or cfg.dataset_name!r}: the label column {label_col!r} has "
+                         f"{len(class_names)} class(es) ({', '.join(class_names)}); FixMatch needs at least 2")
+    train_labels, eval_labels = np.asarray(train_values, dtype=np.int64), np.asarray(eval_values, dtype=np.int64)
+    for split, values in ((cfg.train_split, train_labels), (eval_split, eval_labels)):
+        outside = np.flatnonzero((values < 0) | (values >= len(class_names)))
+        if len(outside):
+            raise UsageError(f"--label_column_name {label_col!r}: split {split!r} holds the value "
+                             f"{values[outside[0]]} (row {outside[0]}), outside the {len(class_names)} classes "
+                             f"0..{len(class_names) - 1}")
+    return SplitData(train, evaluation, image_col, label_col, class_names, eval_split, train_labels, eval_labels,
+                     shard_sizes, label_map)
+
+
+def _class_index(*splits):
+    """Plain int or string labels -> (value -> class index, class names), sorted by value."""
+    values = sorted(set().union(*map(set, splits)))
+    return {v: i for i, v in enumerate(values)}, [str(v) for v in values]
 
 
 def _encode_labels(train, evaluation, label_col: str):
     """Plain int or string labels -> one ClassLabel shared by both splits (sorted values)."""
     from datasets import ClassLabel
 
-    values = sorted(set(train.unique(label_col)) | set(evaluation.unique(label_col)))
-    index = {v: i for i, v in enumerate(values)}
-    class_label = ClassLabel(names=[str(v) for v in values])
+    index, names = _class_index(train.unique(label_col), evaluation.unique(label_col))
+    class_label = ClassLabel(names=names)
 
     def encode(ds):
         features = ds.features.copy()
@@ -172,8 +238,7 @@ def select_labeled(labels: Sequence[int], num_labeled: int, num_classes: int, se
 def labeled_split(cfg, data: SplitData) -> List[int]:
     """The labeled indices: read from --labeled_split_file, else drawn class-balanced."""
     if cfg.labeled_split_file is None:
-        labels = data.train[data.label_column]
-        return select_labeled(labels, cfg.num_labeled, data.num_classes, cfg.seed)
+        return select_labeled(data.train_labels, cfg.num_labeled, data.num_classes, cfg.seed)
     path = cfg.labeled_split_file
     try:
         with open(path) as f:
@@ -182,21 +247,58 @@ def labeled_split(cfg, data: SplitData) -> List[int]:
         raise UsageError(f"--labeled_split_file {path!r}: no such file") from None
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UsageError(f"--labeled_split_file {path!r}: not a labeled_split.json (needs an 'indices' list)") from None
-    n = len(data.train)
+    n = data.num_train
     bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < n]
     if bad or not indices:
         raise UsageError(f"--labeled_split_file {path!r}: indices must be integers in [0, {n}), got e.g. {bad[:3] or indices}")
     return [int(i) for i in indices]
 
 
+def labeled_examples(cfg, data: SplitData, indices: List[int]):
+    """The labeled rows as an in-memory map-style dataset, with unreadable images replaced.
+
+    A drawn split redraws (with the same seed) until every chosen image decodes, so it
+    stays class-balanced; a split from --labeled_split_file drops them. Returns
+    (indices, datasets.Dataset of those rows in the same order, [(index, name, reason)] of bad images).
+    """
+    from datasets import Dataset
+
+    labels = data.train_labels.copy()
+    bad: List = []
+    while True:
+        if data.streaming:
+            from .streaming import fetch_rows
+
+            rows = Dataset.from_list(fetch_rows(data.train, data.shard_sizes, indices), features=data.train.features)
+        else:
+            rows = data.train.select(indices)
+        found = []
+        for k, value in enumerate(rows[data.image_column]):
+            try:
+                decode_image(value)
+            except BadImage as e:
+                found.append((indices[k], image_name(value, indices[k]), str(e)))
+        if not found:
+            return indices, rows, bad
+        bad += found
+        if cfg.labeled_split_file is not None:
+            gone = {i for i, _, _ in found}
+            indices = [i for i in indices if i not in gone]
+            if not indices:
+                raise UsageError(f"--labeled_split_file {cfg.labeled_split_file!r}: no labeled image can be decoded")
+            continue
+        labels[[i for i, _, _ in found]] = -1  # no longer a member of any class
+        indices = select_labeled(labels, cfg.num_labeled, data.num_classes, cfg.seed)
+
+
 def save_labeled_split(path: str, indices: List[int], cfg, data: SplitData) -> None:
-    labels = data.train.select(indices)[data.label_column]
+    labels = data.train_labels[indices]
     record = dict(
         dataset=cfg.dataset_name or cfg.train_dir,
         train_split=cfg.train_split,
         seed=cfg.seed,
         num_labeled=len(indices),
-        per_class={name: int(np.sum(np.asarray(labels) == c)) for c, name in enumerate(data.class_names)},
+        per_class={name: int(np.sum(labels == c)) for c, name in enumerate(data.class_names)},
         indices=indices,
     )
     with open(path, "w") as f:
@@ -204,7 +306,13 @@ def save_labeled_split(path: str, indices: List[int], cfg, data: SplitData) -> N
 
 
 def to_rgb(image: PILImage.Image, size: int) -> PILImage.Image:
-    """Any mode and size -> RGB size x size."""
+    """Any mode (L, LA, RGBA, P, CMYK, I;16, ...) and size -> RGB size x size."""
+    if image.mode in ("P", "PA"):  # a palette may carry transparency: go through RGBA, as PIL advises
+        image = image.convert("RGBA")
+    elif image.mode.startswith("I") or image.mode == "F":  # 16/32-bit grey: scale the range to 8 bits
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if array.max(initial=0) > 255 else 255.0
+        image = PILImage.fromarray(np.clip(array * (255.0 / top), 0, 255).astype(np.uint8))
     if image.mode != "RGB":
         image = image.convert("RGB")
     if image.size != (size, size):
@@ -212,34 +320,91 @@ def to_rgb(image: PILImage.Image, size: int) -> PILImage.Image:
     return image
 
 
-def native_size(dataset, image_column: str) -> int:
-    """The first image's larger side: the default --image_size."""
-    return max(dataset[0][image_column].size)
+class BadImage(Exception):
+    """An image that cannot be decoded (corrupt, truncated, not an image)."""
 
 
-def channel_stats(dataset, image_column: str, size: int, max_images: int = 2000, seed: int = 0):
-    """Per-channel mean and std (0..1 units) over a seeded sample of the split."""
+def decode_image(value) -> PILImage.Image:
+    """A datasets Image value stored undecoded ({'bytes', 'path'}), or a PIL image, -> a loaded PIL image.
+
+    Images are stored undecoded so that one bad file raises here, where the loaders
+    can skip and count it, instead of inside datasets' own formatting.
+    """
+    if isinstance(value, PILImage.Image):
+        return value
+    try:
+        data = value.get("bytes") if isinstance(value, dict) else None
+        source = io.BytesIO(data) if data is not None else value["path"]
+        image = PILImage.open(source)
+        image.load()  # decode now: a truncated file fails here, not later in a worker's transform
+        return image
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
+        raise BadImage(f"{type(e).__name__}: {e}") from None
+
+
+def image_name(value, index: int) -> str:
+    """How to name an image in a message: its file when known, else its row."""
+    path = value.get("path") if isinstance(value, dict) else None
+    return f"{path} (row {index})" if path else f"row {index}"
+
+
+def image_sizes(dataset, image_column: str, rows: Sequence[int]) -> set:
+    """(width, height) of the images at `rows`, from their headers only (no pixel decoding)."""
+    sizes = set()
+    for value in dataset.select(rows)[image_column]:
+        try:
+            data = value.get("bytes") if isinstance(value, dict) else None
+            with PILImage.open(io.BytesIO(data) if data is not None else value["path"]) as image:
+                sizes.add(image.size)
+        except Exception:  # a bad file is reported where it is decoded
+            pass
+    return sizes
+
+
+def default_image_size(sizes: set) -> int:
+    """The dataset's side when every sampled image has one size (the larger side), else 32."""
+    return max(next(iter(sizes))) if len(sizes) == 1 else 32
+
+
+def stats_rows(n: int, seed: int, max_images: int = 2000) -> List[int]:
+    """A seeded sample of row indices for the image size check and the channel statistics."""
     rng = np.random.default_rng(seed)
-    idx = rng.choice(len(dataset), size=min(max_images, len(dataset)), replace=False)
-    pixels = np.stack(
-        [np.asarray(to_rgb(im, size), dtype=np.float64) for im in dataset.select(np.sort(idx))[image_column]]
-    ) / 255.0
+    return sorted(int(i) for i in rng.choice(n, size=min(max_images, n), replace=False))
+
+
+def channel_stats(dataset, image_column: str, size: int, rows: Optional[Sequence[int]] = None, seed: int = 0):
+    """Per-channel mean and std (0..1 units) over `rows` (default: a seeded sample); bad images are left out."""
+    if rows is None:
+        rows = stats_rows(len(dataset), seed)
+    images = []
+    for value in dataset.select(rows)[image_column]:
+        try:
+            images.append(np.asarray(to_rgb(decode_image(value), size), dtype=np.float64))
+        except BadImage:
+            pass
+    if not images:
+        raise UsageError(f"none of the {len(rows)} images sampled for the channel statistics could be decoded")
+    pixels = np.stack(images) / 255.0
     mean = pixels.mean(axis=(0, 1, 2))
     std = pixels.std(axis=(0, 1, 2)).clip(min=1e-3)
     return [float(m) for m in mean], [float(s) for s in std]
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Rows `indices` of a datasets.Dataset as (*views, label, row index).
+    """Rows `indices` of a datasets.Dataset (images stored undecoded) as (*views, label, row).
 
     `views` are functions PIL RGB image -> PIL image; each view becomes a uint8
-    [C, H, W] tensor. With no view the decoded image itself is returned.
+    [C, H, W] tensor. With no view the decoded image itself is returned. An image
+    that cannot be decoded comes back as a black filler whose row is -(row + 1);
+    `collate_fillers` replaces it with a good sample of its batch, and the trainer
+    counts negative rows as skipped images.
     """
 
     def __init__(self, dataset, indices: Sequence[int], image_column: str, label_column: str,
-                 size: int, views: Sequence[Callable] = ()):
+                 size: int, views: Sequence[Callable] = (), ids: Optional[Sequence[int]] = None):
         self.dataset = dataset
         self.indices = list(indices)
+        self.ids = self.indices if ids is None else list(ids)  # the row reported for each item
         self.image_column, self.label_column = image_column, label_column
         self.size = size
         self.views = list(views) or [lambda im: im]
@@ -249,8 +414,33 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         row = self.dataset[self.indices[i]]
-        image = to_rgb(row[self.image_column], self.size)
-        return (*(pil_to_tensor(view(image)) for view in self.views), row[self.label_column], self.indices[i])
+        return sample(row[self.image_column], row[self.label_column], self.ids[i], self.size, self.views)
+
+
+def sample(value, label: int, row: int, size: int, views: Sequence[Callable]):
+    """(*uint8 views, label, row) of one stored image, or a black filler with row -(row + 1) if it is bad."""
+    try:
+        image = to_rgb(decode_image(value), size)
+    except BadImage:
+        filler = torch.zeros(3, size, size, dtype=torch.uint8)
+        return (*(filler for _ in views), label, -(row + 1))
+    return (*(pil_to_tensor(view(image)) for view in views), label, row)
+
+
+def collate_fillers(samples):
+    """default_collate, then every filler (row < 0) takes the images and label of the batch's first good sample.
+
+    A batch keeps its static shape; rows stay negative so the bad images are counted
+    (and left out of evaluation). Runs in the DataLoader workers, off the training step.
+    """
+    batch = torch.utils.data.default_collate(samples)
+    rows = batch[-1]
+    bad = rows < 0
+    if bad.any() and not bad.all():
+        good = int(torch.nonzero(~bad)[0])
+        for part in batch[:-1]:
+            part[bad] = part[good].clone()
+    return batch
 
 
 def repeat_to_fill(indices: List[int], batch_size: int) -> List[int]:
@@ -293,14 +483,20 @@ def batch_identity(batch):
 
 def decode_split(dataset, image_column: str, label_column: str, size: int, num_workers: int = 0,
                  show_progress: bool = False):
-    """Decode a whole split (any mode, any size) into (uint8 [N, 3, size, size], int64 [N]) tensors."""
+    """Decode a whole split (any mode, any size) into uint8 [N, 3, size, size] and int64 [N] tensors.
+
+    Returns (images, labels, bad rows); a bad row's image is left black.
+    """
     from tqdm.auto import tqdm
 
     source = ImageDataset(dataset, range(len(dataset)), image_column, label_column, size)
     loader = torch.utils.data.DataLoader(source, batch_size=256, num_workers=num_workers)
-    images = torch.empty(len(dataset), 3, size, size, dtype=torch.uint8)
+    images = torch.zeros(len(dataset), 3, size, size, dtype=torch.uint8)
     labels = torch.empty(len(dataset), dtype=torch.long)
+    bad: List[int] = []
     for batch_images, batch_labels, rows in tqdm(loader, desc="decoding", disable=not show_progress, leave=False):
-        images[rows] = batch_images
-        labels[rows] = batch_labels
-    return images, labels
+        good = rows >= 0
+        images[rows[good]] = batch_images[good]
+        labels[torch.where(good, rows, -rows - 1)] = batch_labels
+        bad += (-rows[~good] - 1).tolist()
+    return images, labels, bad

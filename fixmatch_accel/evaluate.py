@@ -7,31 +7,42 @@ from tqdm.auto import tqdm
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, prepare_inputs: Callable, num_classes: int, show_progress: bool = False) -> Dict:
-    """Evaluate `model` (already in eval mode) on a prepared loader of (uint8 images, labels, indices).
+def evaluate(model, loader, accelerator, prepare_inputs: Callable, num_classes: int, show_progress: bool = False,
+             sharded: bool = False) -> Dict:
+    """Evaluate `model` (already in eval mode) on a loader of (uint8 images, labels, rows).
 
-    Correct counts accumulate on the device; `gather_for_metrics` drops the
-    samples that the last uneven batch repeats, so each image counts once.
+    A prepared loader: `gather_for_metrics` drops the samples that the last uneven
+    batch repeats, so each image counts once. A `sharded` loader (a stream split by
+    node) gives each process a disjoint share of its own length: counts stay local and
+    are summed once at the end. Unreadable images (negative rows) are left out and counted.
+    Counts accumulate on the device; one host transfer at the end.
     """
     k = min(5, num_classes)
-    correct1 = torch.zeros(num_classes, device=accelerator.device)
-    correct5 = torch.zeros((), device=accelerator.device)
-    total = torch.zeros(num_classes, device=accelerator.device)
-    for images, labels, _ in tqdm(loader, desc="eval", leave=False, disable=not show_progress):
+    device = accelerator.device
+    correct1 = torch.zeros(num_classes, device=device)
+    correct5 = torch.zeros((), device=device)
+    total = torch.zeros(num_classes, device=device)
+    skipped = torch.zeros((), device=device)
+    for images, labels, rows in tqdm(loader, desc="eval", leave=False, disable=not show_progress):
         with accelerator.autocast():
             logits = model(prepare_inputs(images))
         topk = logits.float().topk(k, dim=-1).indices
-        topk, labels = accelerator.gather_for_metrics((topk, labels))
-        hit1 = (topk[:, 0] == labels).float()
+        if not sharded:
+            topk, labels, rows = accelerator.gather_for_metrics((topk, labels, rows))
+        valid = (rows >= 0).float()
+        hit1 = (topk[:, 0] == labels).float() * valid
         correct1.index_add_(0, labels, hit1)
-        correct5 += (topk == labels[:, None]).any(dim=-1).float().sum()
-        total.index_add_(0, labels, torch.ones_like(hit1))
-    # One host transfer for the whole evaluation.
-    correct1, correct5, total = correct1.cpu(), correct5.cpu(), total.cpu()
+        correct5 += ((topk == labels[:, None]).any(dim=-1).float() * valid).sum()
+        total.index_add_(0, labels, valid)
+        skipped += (1 - valid).sum()
+    if sharded:
+        correct1, correct5, total, skipped = accelerator.reduce((correct1, correct5, total, skipped), reduction="sum")
+    correct1, correct5, total, skipped = correct1.cpu(), correct5.cpu(), total.cpu(), skipped.cpu()
     n = total.sum().clamp(min=1)
     return {
         "top1": float(correct1.sum() / n * 100),
         "top5": float(correct5 / n * 100),
         "per_class": [float(c / t * 100) if t > 0 else None for c, t in zip(correct1, total)],
         "num_eval": int(total.sum()),
+        "skipped_images": int(skipped),
     }

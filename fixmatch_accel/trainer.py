@@ -22,13 +22,15 @@ from tqdm.auto import tqdm
 
 from . import augment
 from .config import TrainConfig
-from .data import (DecodedImages, ImageDataset, batch_identity, channel_stats, decode_split, labeled_split,
-                   load_data, native_size, repeat_to_fill, save_labeled_split)
+from .data import (DecodedImages, ImageDataset, batch_identity, channel_stats, collate_fillers, decode_split,
+                   default_image_size, image_name, image_sizes, labeled_examples, labeled_split, load_data,
+                   repeat_to_fill, save_labeled_split, stats_rows)
 from .ema import ModelEMA
 from .errors import UsageError
 from .evaluate import evaluate
 from .fixmatch import fixmatch_loss
 from .models import create_model
+from .streaming import StreamImages, StreamLoader, batches_per_pass, unlabeled_stream
 
 # Decoded train splits under this size are kept in memory by default (--cache_decoded).
 CACHE_LIMIT_BYTES = 4 * 2**30
@@ -86,6 +88,7 @@ class TrainState:
     def __init__(self):
         self.step = 0
         self.skipped = 0  # non-finite steps skipped with --skip_nonfinite_steps
+        self.bad_images = 0  # unreadable images the training loaders replaced
         self.positions: Dict[str, List[int]] = {}
 
 
@@ -123,7 +126,10 @@ def endless(loader, name: str, state: TrainState, accelerator):
     """Yield batches forever, a new shuffle each pass (set_epoch), resuming mid-pass from `state`."""
     epoch, done = state.positions.get(name, [0, 0])
     while True:
-        batches = accelerator.skip_first_batches(loader, done) if done else loader
+        if isinstance(loader, StreamLoader):
+            batches = loader.skip_first(done)
+        else:
+            batches = accelerator.skip_first_batches(loader, done) if done else loader
         batches.set_epoch(epoch)  # on the loader iterated: accelerate re-applies its own epoch when iteration starts
         for batch in batches:
             done += 1
@@ -164,7 +170,8 @@ def save_checkpoint(accelerator, output_dir: str, state: TrainState, ema: ModelE
     if accelerator.is_main_process:
         save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, os.path.join(tmp, "ema.safetensors"))
         _write_json(os.path.join(tmp, "trainer_state.json"),
-                    {"step": state.step, "skipped": state.skipped, "positions": state.positions})
+                    {"step": state.step, "skipped": state.skipped, "bad_images": state.bad_images,
+                     "positions": state.positions})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if os.path.isdir(final):  # the same step saved before a resume: keep the older copy aside
@@ -192,6 +199,7 @@ def load_checkpoint(accelerator, path: str, state: TrainState, ema: ModelEMA, ge
         generator.set_state(load_file(os.path.join(path, f"generator_{accelerator.process_index}.safetensors"))["state"])
         state.step = int(saved["step"])
         state.skipped = int(saved.get("skipped", 0))
+        state.bad_images = int(saved.get("bad_images", 0))
         state.positions = {k: [int(e), int(b)] for k, (e, b) in saved["positions"].items()}
     except Exception as e:  # unreadable, truncated, another model: the user must know, never a silent restart
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -324,42 +332,53 @@ def _any_process(accelerator, stop: StopSignal) -> bool:
 
 def _summarise(sums: Dict[str, torch.Tensor], steps: int, accelerator) -> Dict:
     """All-reduce the window's sums and turn them into one log row (the host sync of a logging step)."""
-    flat = torch.cat([torch.stack([sums[k] for k in SUMMED]), sums["mask_per_class"]])
+    flat = torch.cat([torch.stack([sums[k] for k in (*SUMMED, "bad_images")]), sums["mask_per_class"]])
     flat = accelerator.reduce(flat, reduction="sum").tolist()
-    loss, loss_x, loss_u, masked, unlabeled, correct = flat[: len(SUMMED)]
+    loss, loss_x, loss_u, masked, unlabeled, correct, bad = flat[: len(SUMMED) + 1]
     n = steps * accelerator.num_processes
     return dict(
         loss=loss / n, loss_x=loss_x / n, loss_u=loss_u / n,
         mask_ratio=masked / max(unlabeled, 1.0),
         pseudo_label_acc=correct / max(masked, 1.0),
-        mask_per_class=[int(c) for c in flat[len(SUMMED):]],
+        mask_per_class=[int(c) for c in flat[len(SUMMED) + 1:]],
+        bad_images=int(bad),
     )
+
+
+def check_bad_images(count: int, read: int, example: str, max_fraction: float) -> None:
+    """Stop when more than --max_bad_image_fraction of the images read could not be decoded."""
+    if count > max_fraction * max(read, 1):
+        raise UsageError(f"{count} of {read} images read could not be decoded ({count / max(read, 1):.2%} > "
+                         f"--max_bad_image_fraction {max_fraction}), e.g. {example}")
 
 
 def num_workers(cfg: TrainConfig) -> int:
     return min(cfg.dataloader_num_workers, os.cpu_count() or 1)
 
 
-def build_loaders(cfg: TrainConfig, data, labeled_idx: List[int], size: int, pad: int, augment_device: str,
-                  world: int, pin_memory: bool = False, cache=None):
-    """Labeled (B), unlabeled (mu*B) and eval loaders, not yet prepared.
+def build_loaders(cfg: TrainConfig, data, labeled_idx: List[int], labeled_rows, size: int, pad: int,
+                  augment_device: str, accelerator, cache=None):
+    """Labeled (B), unlabeled (mu*B) and eval loaders; the DataLoaders among them are for accelerate to prepare.
 
-    Items are (uint8 views..., label, row index). On the CPU path the workers
-    make the weak / strong views; on the accelerator path they only decode, or,
-    with `cache` ((train images, labels), (eval images, labels)), only index.
+    Items are (uint8 views..., label, row). On the CPU path the workers make the
+    weak / strong views; on the accelerator path they only decode, or, with `cache`
+    ((train images, labels, usable rows), (eval images, labels, usable rows)), only
+    index. A stream (--streaming) is split by node here and is not prepared.
     """
     B, U = cfg.per_device_train_batch_size, cfg.mu * cfg.per_device_train_batch_size
+    world, device = accelerator.num_processes, accelerator.device
     columns = (data.image_column, data.label_column)
-    labeled_rows = repeat_to_fill(labeled_idx, B * world)
-    unlabeled_rows = repeat_to_fill(list(range(len(data.train))), U * world)
     workers = num_workers(cfg)
+    pin_memory = device.type == "cuda"
+    excluded = set(labeled_idx) if cfg.unlabeled_excludes_labeled else set()
     if cache is not None:
         # Decoded in memory: a batch is one tensor index, no workers, no per-sample collate.
-        (train_images, train_labels), (eval_images, eval_labels) = cache
+        (train_images, train_labels, train_ok), (eval_images, eval_labels, eval_ok) = cache
         loader = partial(DataLoader, pin_memory=pin_memory, collate_fn=batch_identity)
-        labeled_ds = DecodedImages(train_images, train_labels, labeled_rows)
-        unlabeled_ds = DecodedImages(train_images, train_labels, unlabeled_rows)
-        eval_ds = DecodedImages(eval_images, eval_labels, range(len(eval_labels)))
+        labeled_ds = DecodedImages(train_images, train_labels, repeat_to_fill(labeled_idx, B * world))
+        unlabeled_ds = DecodedImages(train_images, train_labels,
+                                     repeat_to_fill([r for r in train_ok if r not in excluded], U * world))
+        eval_ds = DecodedImages(eval_images, eval_labels, eval_ok)
     else:
         if augment_device == "cpu":
             weak = augment.weak_transform(size, hflip=cfg.hflip, pad=pad)
@@ -367,10 +386,35 @@ def build_loaders(cfg: TrainConfig, data, labeled_idx: List[int], size: int, pad
             labeled_views, unlabeled_views = [weak], [weak, strong]
         else:
             labeled_views, unlabeled_views = [], []
-        labeled_ds = ImageDataset(data.train, labeled_rows, *columns, size, labeled_views)
+        local = repeat_to_fill(list(range(len(labeled_idx))), B * world)
+        labeled_ds = ImageDataset(labeled_rows, local, *columns, size, labeled_views, ids=[labeled_idx[i] for i in local])
+        loader = partial(DataLoader, num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
+                         collate_fn=collate_fillers)
+        if data.streaming:
+            from datasets.distributed import split_dataset_by_node
+
+            rank = accelerator.process_index
+            stream, counts = unlabeled_stream(data.train, data.shard_sizes, data.num_train, world=world, rank=rank,
+                                              workers=workers, seed=cfg.seed, buffer_size=cfg.shuffle_buffer_size,
+                                              exclude=excluded)
+            per_pass = batches_per_pass(counts, world, workers, U)
+            if per_pass < 1:
+                raise UsageError(f"--streaming: {sum(counts)} unlabeled examples over {world} process(es) and "
+                                 f"{max(1, workers)} worker(s) each do not fill one batch of {U} "
+                                 "(lower --per_device_train_batch_size, --mu or --dataloader_num_workers)")
+            unlabeled = StreamLoader(loader(StreamImages(stream, *columns, size, unlabeled_views, data.label_map),
+                                            batch_size=U, drop_last=True), device, per_pass)
+            eval_stream = StreamImages(split_dataset_by_node(data.eval, rank=rank, world_size=world), *columns, size,
+                                       label_map=data.label_map)
+            # datasets reads each shard in one worker: more workers than this process's shards would sit idle.
+            n = data.eval.n_shards
+            eval_workers = min(workers, n // world if n % world == 0 else n)
+            evaluation = StreamLoader(loader(eval_stream, batch_size=cfg.per_device_eval_batch_size,
+                                             num_workers=eval_workers, persistent_workers=eval_workers > 0), device)
+            return loader(labeled_ds, batch_size=B, shuffle=True, drop_last=True), unlabeled, evaluation
+        unlabeled_rows = repeat_to_fill([r for r in range(data.num_train) if r not in excluded], U * world)
         unlabeled_ds = ImageDataset(data.train, unlabeled_rows, *columns, size, unlabeled_views)
-        eval_ds = ImageDataset(data.eval, range(len(data.eval)), *columns, size)
-        loader = partial(DataLoader, num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+        eval_ds = ImageDataset(data.eval, range(len(data.eval_labels)), *columns, size)
     return (loader(labeled_ds, batch_size=B, shuffle=True, drop_last=True),
             loader(unlabeled_ds, batch_size=U, shuffle=True, drop_last=True),
             loader(eval_ds, batch_size=cfg.per_device_eval_batch_size, shuffle=False))
@@ -394,32 +438,46 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
 
     # ---- Data: splits, labeled subset, image size, normalisation.
     with accelerator.main_process_first():
-        data = load_data(cfg)
-    labeled_idx = labeled_split(cfg, data)
+        data = load_data(cfg, show_progress=bar_on)
+    labeled_idx, labeled_rows, bad_labeled = labeled_examples(cfg, data, labeled_split(cfg, data))
     if is_main:
         save_labeled_split(os.path.join(cfg.output_dir, "labeled_split.json"), labeled_idx, cfg, data)
-    size = cfg.image_size or native_size(data.train, data.image_column)
+    # Image size and channel statistics from a seeded sample (a stream: its labeled examples).
+    stats_source, rows = ((labeled_rows, range(len(labeled_rows))) if data.streaming
+                          else (data.train, stats_rows(data.num_train, cfg.seed)))
+    size = cfg.image_size or default_image_size(image_sizes(stats_source, data.image_column, rows))
     pad = cfg.crop_padding if cfg.crop_padding is not None else max(1, size // 8)
     if pad >= size:
         raise UsageError(f"--crop_padding {pad} must be smaller than the image side ({size} px)")
-    mean, std = channel_stats(data.train, data.image_column, size, seed=cfg.seed)
+    mean, std = channel_stats(stats_source, data.image_column, size, rows)
     device = accelerator.device
     augment_device = cfg.augment_device or ("cpu" if device.type == "cpu" else "accelerator")
 
     B, U = cfg.per_device_train_batch_size, cfg.mu * cfg.per_device_train_batch_size
     world = accelerator.num_processes
+    # Unreadable images: [(row, name, reason)] found before training, and how many images were read to find them.
+    bad_images = [(i, name, reason) for i, name, reason in bad_labeled]
+    images_checked = len(labeled_idx) + len(bad_labeled)
     cache_decoded = cfg.cache_decoded
     if cache_decoded is None:
-        cache_decoded = augment_device == "accelerator" and len(data.train) * 3 * size * size < CACHE_LIMIT_BYTES
+        cache_decoded = (augment_device == "accelerator" and not data.streaming
+                         and data.num_train * 3 * size * size < CACHE_LIMIT_BYTES)
     elif cache_decoded and augment_device == "cpu":
         raise UsageError("--cache_decoded needs --augment_device accelerator (the CPU path augments PIL images)")
     cache = None
     if cache_decoded:
-        cache = tuple(decode_split(split, data.image_column, data.label_column, size, num_workers(cfg),
-                                   show_progress=bar_on)
-                      for split in (data.train, data.eval))
-    labeled_loader, unlabeled_loader, eval_loader = build_loaders(
-        cfg, data, labeled_idx, size, pad, augment_device, world, pin_memory=device.type == "cuda", cache=cache)
+        cache = []
+        for split in (data.train, data.eval):
+            images, labels, bad = decode_split(split, data.image_column, data.label_column, size, num_workers(cfg),
+                                               show_progress=bar_on)
+            bad_images += [(r, image_name(split[r][data.image_column], r), "cannot be decoded") for r in bad]
+            images_checked += len(labels)
+            cache.append((images, labels, sorted(set(range(len(labels))) - set(bad))))
+    if bad_images:
+        row, name, reason = bad_images[0]
+        check_bad_images(len(bad_images), images_checked, f"{name}: {reason}", cfg.max_bad_image_fraction)
+        accelerator.print(f"skipped {len(bad_images)} unreadable image(s) of {images_checked} read, e.g. {name}: {reason}")
+    loaders = build_loaders(cfg, data, labeled_idx, labeled_rows, size, pad, augment_device, accelerator, cache=cache)
 
     # ---- Model, optimizer, schedule, EMA.
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
@@ -431,8 +489,12 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
                                 momentum=cfg.momentum, nesterov=True, fused=device.type == "cuda" or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(cosine_lr_factor, total_steps=cfg.max_train_steps))
-    model, optimizer, scheduler, labeled_loader, unlabeled_loader, eval_loader = accelerator.prepare(
-        model, optimizer, scheduler, labeled_loader, unlabeled_loader, eval_loader)
+    # Streams are split by node already; accelerate prepares (shards, places) the DataLoaders.
+    model, optimizer, scheduler, *prepared = accelerator.prepare(
+        model, optimizer, scheduler, *(lo for lo in loaders if not isinstance(lo, StreamLoader)))
+    prepared = iter(prepared)
+    labeled_loader, unlabeled_loader, eval_loader = (
+        lo if isinstance(lo, StreamLoader) else next(prepared) for lo in loaders)
     live_model = accelerator.unwrap_model(model)
     ema = ModelEMA(live_model, cfg.ema_decay)
     ema.module.to(device)  # the EMA copy is never prepared: it is evaluated and saved as it is
@@ -454,18 +516,18 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
         core = partial(forward_loss, model, **loss_kwargs)
 
         def views(batch_x, batch_u):
-            (x, y, _), (u_w, u_s, u_y, _) = batch_x, batch_u
-            return x, y, u_w, u_s, u_y
+            (x, y, _), (u_w, u_s, u_y, rows) = batch_x, batch_u
+            return x, y, u_w, u_s, u_y, rows
     else:
         core = partial(strong_forward_loss, model, strong_config=cfg.strong_augment, **loss_kwargs)
 
         def views(batch_x, batch_u):
-            (x, y, _), (u, u_y, _) = batch_x, batch_u
+            (x, y, _), (u, u_y, rows) = batch_x, batch_u
             x = augment.weak_batch(x, hflip=cfg.hflip, pad=pad, generator=generator)
             u_w = augment.weak_batch(u, hflip=cfg.hflip, pad=pad, generator=generator)
             params = augment.sample_rand_augment_params(u.shape[0], cfg.strong_augment, generator=generator,
                                                         device=device, image_size=(size, size))
-            return x, y, u_w, params, u_y
+            return x, y, u_w, params, u_y, rows
     if cfg.compile:
         compiled = torch.compile(core, mode=cfg.compile_mode)
         core = compiled
@@ -488,7 +550,8 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
             resolved=dict(image_size=size, crop_padding=pad, augment_device=augment_device,
                           cache_decoded=cache is not None, channels_last=channels_last, eval_split=data.eval_split,
                           image_column=data.image_column, label_column=data.label_column,
-                          num_train=len(data.train), num_eval=len(data.eval), num_labeled=len(labeled_idx)),
+                          num_train=data.num_train, num_eval=len(data.eval_labels), num_labeled=len(labeled_idx),
+                          streaming=data.streaming),
             world_size=world,
             global_batch=dict(labeled=B * world, unlabeled=U * world),
             mixed_precision=accelerator.mixed_precision,
@@ -503,14 +566,23 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
     unlabeled_iter = endless(unlabeled_loader, "unlabeled", state, accelerator)
 
     def run_eval(step: int) -> Dict:
-        result = evaluate(ema.module, eval_loader, accelerator, eval_inputs, data.num_classes, show_progress=bar_on)
+        result = evaluate(ema.module, eval_loader, accelerator, eval_inputs, data.num_classes, show_progress=bar_on,
+                          sharded=isinstance(eval_loader, StreamLoader))
         metrics.write(dict(step=step, top1=result["top1"], top5=result["top5"], per_class=result["per_class"]))
         return result
+
+    def report_bad(row: int, read: int) -> None:
+        """Name one unreadable image of the window; stop when too many of those read were bad."""
+        total = len(bad_images) + state.bad_images
+        example = (f"position {row} of the {cfg.train_split!r} stream" if data.streaming
+                   else image_name(data.train[row][data.image_column], row))
+        check_bad_images(total, images_checked + read, example, cfg.max_bad_image_fraction)
+        accelerator.print(f"skipped {total} unreadable image(s) so far, e.g. {example}")
 
     def safe_to_save() -> bool:
         """Finite losses since the last log and finite weights now (a host sync: only when saving)."""
         flags = [torch.isfinite(t).all() for t in live_model.state_dict().values() if t.is_floating_point()]
-        if sums:
+        if "loss" in sums:
             flags.append(torch.isfinite(sums["loss"]))
         return bool(torch.stack(flags).all())
 
@@ -529,7 +601,11 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
     try:
         while state.step < cfg.max_train_steps:
             # Batch: B labeled and mu*B unlabeled images (uint8), weak and strong views.
-            x, y, u_w, strong, u_y = views(next(labeled_iter), next(unlabeled_iter))
+            x, y, u_w, strong, u_y, rows = views(next(labeled_iter), next(unlabeled_iter))
+            # Unreadable images the loaders replaced have negative rows: counted on the device.
+            bad, bad_row = (rows < 0).sum(), (-rows - 1).max()
+            sums["bad_images"] = sums["bad_images"] + bad if "bad_images" in sums else bad
+            sums["bad_row"] = torch.maximum(sums["bad_row"], bad_row) if "bad_row" in sums else bad_row
             # Forward and loss: one pass over all three views, so BatchNorm sees the whole batch.
             loss, stats = core(x, y, u_w, strong, u_y)
             # Only on request: a host sync (and, with several processes, a collective) every step.
@@ -558,11 +634,15 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
                 row = _summarise(sums, window_steps, accelerator)  # host sync: once per logging step
                 if not math.isfinite(row["loss"]):
                     raise nonfinite(step)
+                if row["bad_images"]:
+                    state.bad_images += row["bad_images"]
+                    report_bad(int(accelerator.gather(sums["bad_row"].view(1)).max()), step * (B + U) * world)
                 elapsed = time.perf_counter() - window_start
                 row = dict(step=step, lr=lr,
                            images_per_s=(B + U) * world * window_steps / max(elapsed, 1e-9),
                            labeled_seen=step * B * world, unlabeled_seen=step * U * world,
-                           skipped_steps=state.skipped, **row)
+                           skipped_steps=state.skipped, skipped_images=len(bad_images) + state.bad_images,
+                           **{k: v for k, v in row.items() if k != "bad_images"})
                 metrics.write(row)
                 if bar_on:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", mask=f"{row['mask_ratio']:.2f}",
@@ -602,7 +682,8 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
     if is_main:
         _write_json(os.path.join(cfg.output_dir, "eval_results.json"),
                     dict(result, step=state.step, eval_split=data.eval_split,
-                         per_class=dict(zip(data.class_names, result["per_class"]))))
+                         per_class=dict(zip(data.class_names, result["per_class"])),
+                         skipped_train_images=len(bad_images) + state.bad_images))
         from .plot import write_plots
 
         write_plots(cfg.output_dir)  # training_curves.png, per_class.png
@@ -610,4 +691,7 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
     accelerator.end_training()
     accelerator.print(f"final EMA model: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}% "
                       f"on {result['num_eval']} {data.eval_split} images -> {cfg.output_dir}")
+    skipped = len(bad_images) + state.bad_images + result["skipped_images"]
+    if skipped:
+        accelerator.print(f"skipped {skipped} unreadable image reads ({result['skipped_images']} in the last evaluation)")
     return result

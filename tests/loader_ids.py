@@ -1,7 +1,8 @@
-"""Launched by test_e2e under two processes: record the row ids each process draws in one pass.
+"""Launched by tests under two processes: record the row ids each process draws in one pass.
 
-Uses the trainer's own loader construction and accelerate's prepare, so it checks
-exactly the sharding that training uses.
+Uses the trainer's own loader construction and accelerate's prepare (or, for a
+stream, the trainer's own split by node), so it checks exactly the sharding that
+training uses.
 """
 
 import json
@@ -12,7 +13,8 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 
 from fixmatch_accel.config import parse_args
-from fixmatch_accel.data import load_data
+from fixmatch_accel.data import labeled_examples, load_data
+from fixmatch_accel.streaming import StreamLoader
 from fixmatch_accel.trainer import build_loaders
 
 out_path, argv = sys.argv[1], sys.argv[2:]
@@ -20,12 +22,13 @@ cfg, _ = parse_args(argv)
 accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
 set_seed(cfg.seed)  # as the trainer does: every process must draw the same permutation to shard it
 data = load_data(cfg)
-labeled, unlabeled, _ = build_loaders(cfg, data, list(range(0, len(data.train), 7)), cfg.image_size, 2,
-                                      "accelerator", accelerator.num_processes)
-labeled, unlabeled = accelerator.prepare(labeled, unlabeled)
+labeled_idx, labeled_rows, _ = labeled_examples(cfg, data, list(range(0, data.num_train, 7)))
+loaders = build_loaders(cfg, data, labeled_idx, labeled_rows, cfg.image_size, 2, "accelerator", accelerator)
 ids = {}
-for name, loader in (("labeled", labeled), ("unlabeled", unlabeled)):
+for name, loader in zip(("labeled", "unlabeled"), loaders):
+    if not isinstance(loader, StreamLoader):
+        loader = accelerator.prepare(loader)
     loader.set_epoch(0)
     ids[name] = torch.cat([batch[-1] for batch in loader]).tolist()
 with open(f"{out_path}.{accelerator.process_index}", "w") as f:
-    json.dump(dict(ids, world=accelerator.num_processes, num_train=len(data.train)), f)
+    json.dump(dict(ids, world=accelerator.num_processes, num_train=data.num_train, labeled_idx=labeled_idx), f)
