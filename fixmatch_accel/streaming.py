@@ -73,11 +73,14 @@ def cut_pieces(shard_sizes: Sequence[int], total: int, num_pieces: int) -> List[
     return pieces
 
 
-def num_pieces(num_shards: int, total: int, world: int, workers: int) -> int:
-    """The data's own shards when they split evenly over processes and workers, else world * workers pieces."""
+def num_pieces(shard_sizes: Sequence[int], total: int, world: int, workers: int) -> int:
+    """The data's own shards when they are alike in size and split evenly over processes and workers,
+    else world * workers pieces of equal length."""
     per_process = max(1, workers)
-    if num_shards % world == 0 and num_shards >= world * per_process:
-        return num_shards
+    n = len(shard_sizes)
+    if n % world == 0 and n >= world * per_process and sum(shard_sizes) == total \
+            and min(shard_sizes) * 2 >= max(shard_sizes):
+        return n
     return min(world * per_process, max(world, total // world * world))
 
 
@@ -110,7 +113,7 @@ def unlabeled_stream(stream, shard_sizes: Sequence[int], total: int, *, world: i
     from datasets import IterableDataset, Value
     from datasets.distributed import split_dataset_by_node
 
-    pieces = cut_pieces(shard_sizes, total, num_pieces(len(shard_sizes), total, world, workers))
+    pieces = cut_pieces(shard_sizes, total, num_pieces(shard_sizes, total, world, workers))
     exclude = frozenset(int(p) for p in exclude)
     counts = [sum(stop - start for _, start, stop, _ in piece) for piece in pieces]
     if exclude:

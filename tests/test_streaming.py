@@ -85,10 +85,11 @@ def test_cut_pieces_cover_every_position_once():
 
 
 def test_num_pieces_and_batches_per_pass():
-    assert num_pieces(3, 200, world=2, workers=2) == 4  # 3 shards do not split over 2 processes: cut 4 pieces
-    assert num_pieces(4, 200, world=2, workers=0) == 4  # the data's own shards when they split evenly
-    assert num_pieces(8, 200, world=2, workers=2) == 8
-    assert num_pieces(4, 200, world=2, workers=4) == 8  # one piece per worker at least
+    assert num_pieces(SHARDS, 200, world=2, workers=2) == 4  # 3 shards do not split over 2 processes: cut 4 pieces
+    assert num_pieces([50] * 4, 200, world=2, workers=0) == 4  # the data's own shards when they split evenly
+    assert num_pieces([25] * 8, 200, world=2, workers=2) == 8
+    assert num_pieces([50] * 4, 200, world=2, workers=4) == 8  # one piece per worker at least
+    assert num_pieces([100, 0, 0, 0], 100, world=1, workers=2) == 2  # shards cut short by a limit: equal pieces
     # Every worker batches its own pieces: the bound takes each worker's smallest share.
     assert batches_per_pass([50, 50, 50, 50], world=2, workers=2, batch_size=8) == 2 * (50 // 8)
     assert batches_per_pass([10, 50, 50, 50], world=2, workers=1, batch_size=8) == (10 + 50) // 8
