@@ -7,6 +7,8 @@ the training device, so the host moves a quarter of the bytes that float32 would
 import io
 import json
 import os
+import random
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -390,6 +392,38 @@ def channel_stats(dataset, image_column: str, size: int, rows: Optional[Sequence
     return [float(m) for m in mean], [float(s) for s in std]
 
 
+class SampleSeeds:
+    """Seeds each sample's CPU augmentation from (seed, loader, epoch, index in the pass).
+
+    PIL / timm / torchvision transforms draw from the global random, numpy and torch
+    generators, which DataLoader workers reseed on every pass. Seeding per sample makes
+    a draw depend only on what is drawn, so a resumed run repeats it bit for bit and the
+    number of workers does not change the result. The epoch lives in shared memory so
+    persistent workers see set_epoch.
+    """
+
+    def __init__(self, seed: int, stream: int = 0):
+        self.seed, self.stream = seed % 2**32, stream  # one stream of seeds per loader
+        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.fill_(epoch)
+
+    @contextmanager
+    def __call__(self, index: int):
+        a, b = np.random.SeedSequence([self.seed, self.stream, int(self.epoch), int(index)]).generate_state(2)
+        saved = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):  # the caller's generators are left as they were
+            random.seed(int(a))
+            np.random.seed(int(b))
+            torch.manual_seed(int(a) << 32 | int(b))
+            try:
+                yield
+            finally:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Rows `indices` of a datasets.Dataset (images stored undecoded) as (*views, label, row).
 
@@ -401,20 +435,28 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset, indices: Sequence[int], image_column: str, label_column: str,
-                 size: int, views: Sequence[Callable] = (), ids: Optional[Sequence[int]] = None):
+                 size: int, views: Sequence[Callable] = (), ids: Optional[Sequence[int]] = None,
+                 seeds: Optional[SampleSeeds] = None):
         self.dataset = dataset
         self.indices = list(indices)
         self.ids = self.indices if ids is None else list(ids)  # the row reported for each item
         self.image_column, self.label_column = image_column, label_column
         self.size = size
         self.views = list(views) or [lambda im: im]
+        self.seeds = seeds
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.seeds is not None:
+            self.seeds.set_epoch(epoch)
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, i):
         row = self.dataset[self.indices[i]]
-        return sample(row[self.image_column], row[self.label_column], self.ids[i], self.size, self.views)
+        with self.seeds(i) if self.seeds is not None else nullcontext():
+            return sample(row[self.image_column], row[self.label_column], self.ids[i], self.size, self.views)
+
 
 
 def sample(value, label: int, row: int, size: int, views: Sequence[Callable]):

@@ -9,13 +9,14 @@ every pass (`set_epoch`), and every example carries its position in the split,
 the same index the map-style path uses.
 """
 
+from contextlib import nullcontext
 from itertools import islice
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .data import sample
+from .data import SampleSeeds, sample
 
 # One piece: segments (shard, first row in the shard, row after the last, position of the shard's first row).
 Piece = Tuple[Tuple[int, int, int, int], ...]
@@ -144,8 +145,10 @@ def batches_per_pass(counts: Sequence[int], world: int, workers: int, batch_size
 class StreamImages(torch.utils.data.IterableDataset):
     """A datasets stream of undecoded rows as (*uint8 views, label, position) samples (see data.sample)."""
 
-    def __init__(self, stream, image_column: str, label_column: str, size: int, views=(), label_map=None):
+    def __init__(self, stream, image_column: str, label_column: str, size: int, views=(), label_map=None,
+                 seeds: Optional[SampleSeeds] = None):
         self.stream = stream
+        self.seeds = seeds
         self.image_column, self.label_column = image_column, label_column
         self.size = size
         self.views = list(views) or [lambda im: im]
@@ -153,13 +156,18 @@ class StreamImages(torch.utils.data.IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.set_epoch(epoch)  # shared with persistent workers by datasets
+        if self.seeds is not None:
+            self.seeds.set_epoch(epoch)
 
     def __iter__(self):
         for i, row in enumerate(self.stream):
             label = row[self.label_column]
             if self.label_map is not None:
                 label = self.label_map[label]
-            yield sample(row[self.image_column], label, row.get(POSITION, i), self.size, self.views)
+            position = row.get(POSITION, i)  # unique within a pass: the augmentation's seed
+            with self.seeds(position) if self.seeds is not None else nullcontext():
+                item = sample(row[self.image_column], label, position, self.size, self.views)
+            yield item
 
 
 class StreamLoader:

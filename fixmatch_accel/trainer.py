@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import augment
 from .config import TrainConfig
-from .data import (DecodedImages, ImageDataset, batch_identity, channel_stats, collate_fillers, decode_split,
+from .data import (DecodedImages, ImageDataset, SampleSeeds, batch_identity, channel_stats, collate_fillers, decode_split,
                    default_image_size, image_name, image_sizes, labeled_examples, labeled_split, load_data,
                    repeat_to_fill, save_labeled_split, stats_rows)
 from .ema import ModelEMA
@@ -90,6 +90,7 @@ class TrainState:
         self.skipped = 0  # non-finite steps skipped with --skip_nonfinite_steps
         self.bad_images = 0  # unreadable images the training loaders replaced
         self.positions: Dict[str, List[int]] = {}
+        self.layout: Dict[str, int] = {}  # processes and workers: the data order depends on them
 
 
 class Stopped(Exception):
@@ -131,6 +132,8 @@ def endless(loader, name: str, state: TrainState, accelerator):
         else:
             batches = accelerator.skip_first_batches(loader, done) if done else loader
         batches.set_epoch(epoch)  # on the loader iterated: accelerate re-applies its own epoch when iteration starts
+        if hasattr(getattr(loader, "dataset", None), "set_epoch"):  # per-sample augmentation seeds (CPU path)
+            loader.dataset.set_epoch(epoch)
         for batch in batches:
             done += 1
             state.positions[name] = [epoch, done]
@@ -171,7 +174,7 @@ def save_checkpoint(accelerator, output_dir: str, state: TrainState, ema: ModelE
         save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, os.path.join(tmp, "ema.safetensors"))
         _write_json(os.path.join(tmp, "trainer_state.json"),
                     {"step": state.step, "skipped": state.skipped, "bad_images": state.bad_images,
-                     "positions": state.positions})
+                     "positions": state.positions, "layout": state.layout})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if os.path.isdir(final):  # the same step saved before a resume: keep the older copy aside
@@ -201,9 +204,14 @@ def load_checkpoint(accelerator, path: str, state: TrainState, ema: ModelEMA, ge
         state.skipped = int(saved.get("skipped", 0))
         state.bad_images = int(saved.get("bad_images", 0))
         state.positions = {k: [int(e), int(b)] for k, (e, b) in saved["positions"].items()}
+        saved_layout = saved.get("layout", {})
     except Exception as e:  # unreadable, truncated, another model: the user must know, never a silent restart
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UsageError(f"--resume_from_checkpoint {path!r}: cannot load it ({type(e).__name__}: {first[:300]})") from None
+    changed = [f"{k} {state.layout.get(k)} (was {v})" for k, v in saved_layout.items() if state.layout.get(k) != v]
+    if changed:
+        accelerator.print(f"warning: resumed with {', '.join(changed)}: the data order from here on is not the "
+                          "interrupted run's (the run stays valid, but is not an exact continuation)")
 
 
 def _resolve_resume(cfg: TrainConfig) -> Optional[str]:
@@ -384,10 +392,13 @@ def build_loaders(cfg: TrainConfig, data, labeled_idx: List[int], labeled_rows, 
             weak = augment.weak_transform(size, hflip=cfg.hflip, pad=pad)
             strong = augment.strong_transform(size, cfg.strong_augment, hflip=cfg.hflip, pad=pad)
             labeled_views, unlabeled_views = [weak], [weak, strong]
+            labeled_seeds, unlabeled_seeds = SampleSeeds(cfg.seed, 0), SampleSeeds(cfg.seed, 1)
         else:
             labeled_views, unlabeled_views = [], []
+            labeled_seeds = unlabeled_seeds = None
         local = repeat_to_fill(list(range(len(labeled_idx))), B * world)
-        labeled_ds = ImageDataset(labeled_rows, local, *columns, size, labeled_views, ids=[labeled_idx[i] for i in local])
+        labeled_ds = ImageDataset(labeled_rows, local, *columns, size, labeled_views, ids=[labeled_idx[i] for i in local],
+                                  seeds=labeled_seeds)
         loader = partial(DataLoader, num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
                          collate_fn=collate_fillers)
         if data.streaming:
@@ -402,7 +413,8 @@ def build_loaders(cfg: TrainConfig, data, labeled_idx: List[int], labeled_rows, 
                 raise UsageError(f"--streaming: {sum(counts)} unlabeled examples over {world} process(es) and "
                                  f"{max(1, workers)} worker(s) each do not fill one batch of {U} "
                                  "(lower --per_device_train_batch_size, --mu or --dataloader_num_workers)")
-            unlabeled = StreamLoader(loader(StreamImages(stream, *columns, size, unlabeled_views, data.label_map),
+            unlabeled = StreamLoader(loader(StreamImages(stream, *columns, size, unlabeled_views, data.label_map,
+                                                         unlabeled_seeds),
                                             batch_size=U, drop_last=True), device, per_pass)
             eval_stream = StreamImages(split_dataset_by_node(data.eval, rank=rank, world_size=world), *columns, size,
                                        label_map=data.label_map)
@@ -413,7 +425,7 @@ def build_loaders(cfg: TrainConfig, data, labeled_idx: List[int], labeled_rows, 
                                              num_workers=eval_workers, persistent_workers=eval_workers > 0), device)
             return loader(labeled_ds, batch_size=B, shuffle=True, drop_last=True), unlabeled, evaluation
         unlabeled_rows = repeat_to_fill([r for r in range(data.num_train) if r not in excluded], U * world)
-        unlabeled_ds = ImageDataset(data.train, unlabeled_rows, *columns, size, unlabeled_views)
+        unlabeled_ds = ImageDataset(data.train, unlabeled_rows, *columns, size, unlabeled_views, seeds=unlabeled_seeds)
         eval_ds = ImageDataset(data.eval, range(len(data.eval_labels)), *columns, size)
     return (loader(labeled_ds, batch_size=B, shuffle=True, drop_last=True),
             loader(unlabeled_ds, batch_size=U, shuffle=True, drop_last=True),
@@ -499,6 +511,7 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
     ema = ModelEMA(live_model, cfg.ema_decay)
     ema.module.to(device)  # the EMA copy is never prepared: it is evaluated and saved as it is
     state = TrainState()
+    state.layout = dict(processes=world, **({"workers": num_workers(cfg)} if data.streaming else {}))
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + accelerator.process_index)
     if resume_path is not None:
         load_checkpoint(accelerator, resume_path, state, ema, generator)

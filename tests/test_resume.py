@@ -202,3 +202,26 @@ def test_streaming_resume_is_exact_across_passes(tmp_path):
     assert after == pytest.approx({k: v for k, v in losses(straight).items() if k > 5}, rel=1e-6, abs=1e-7)
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_cpu_augmentation_resume_is_exact_whatever_the_worker_count(tmp_path, streaming):
+    """PIL augmentation is seeded per sample, so a run with 2 workers and its resume with none log the same losses.
+
+    A stream is read in one piece per worker, so its order (not its augmentation) depends on the
+    worker count: a stream resumes with the count it started with.
+    """
+    import shutil
+
+    args = TINY_DIGITS + ["--logging_steps", 1, "--eval_steps", 0, "--augment_device", "cpu", "--max_train_steps", 8,
+                          "--checkpointing_steps", 4, "--max_train_samples", 200] + (["--streaming"] if streaming else [])
+    straight = tmp_path / "straight"
+    check_ok(run_train(args + ["--output_dir", straight, "--dataloader_num_workers", 2]))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    (resumed / "metrics.jsonl").write_text("")
+    check_ok(run_train(args + ["--output_dir", resumed, "--dataloader_num_workers", 2 if streaming else 0,
+                               "--resume_from_checkpoint", resumed / "checkpoints" / "step_4"]))
+    after = losses(resumed)
+    assert sorted(after) == list(range(5, 9))
+    assert after == pytest.approx({k: v for k, v in losses(straight).items() if k > 4}, rel=1e-6, abs=1e-7)
