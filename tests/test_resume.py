@@ -82,6 +82,20 @@ def test_sigkill_then_resume_from_the_last_complete_checkpoint(tmp_path):
     assert max(losses(out)) == 12
 
 
+def test_sigkill_inside_a_checkpoint_write_resumes_from_the_previous_one(tmp_path):
+    out = tmp_path / "run"
+    args = QUICK + ["--max_train_steps", 12, "--checkpointing_steps", 3, "--output_dir", out]
+    killed = run_train(args, launcher=[sys.executable, str(ROOT / "tests" / "kill_mid_checkpoint.py"), "6"])
+    assert killed.returncode == -signal.SIGKILL
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["step_3", "step_6.tmp"]  # the write was cut short: model files but no rename
+    assert (out / "checkpoints" / "step_6.tmp" / "model.safetensors").exists()
+    result = run_train(args + ["--resume_from_checkpoint", "latest"])
+    check_ok(result)
+    assert "resumed from" in result.stdout and "step_3 at step 3" in result.stdout
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_12", "step_3", "step_6", "step_9"]
+
+
 def test_checkpoints_total_limit_keeps_the_newest(tmp_path):
     out = tmp_path / "run"
     check_ok(run_train(QUICK + ["--max_train_steps", 8, "--checkpointing_steps", 2, "--checkpoints_total_limit", 2,
