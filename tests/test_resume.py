@@ -239,3 +239,29 @@ def test_cpu_augmentation_resume_is_exact_whatever_the_worker_count(tmp_path, st
     after = losses(resumed)
     assert sorted(after) == list(range(5, 9))
     assert after == pytest.approx({k: v for k, v in losses(straight).items() if k > 4}, rel=1e-6, abs=1e-7)
+
+
+def test_sigterm_to_a_two_process_launch_checkpoints_through_torchrun(tmp_path):
+    """A preempted multi-process job: SIGTERM reaches accelerate launch, torchrun forwards it to both processes."""
+    from test_e2e import ACCELERATE
+
+    out = tmp_path / "run"
+    args = QUICK + ["--max_train_steps", 400, "--output_dir", out]
+    proc = subprocess.Popen([*ACCELERATE, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        wait_for(lambda: (out / "metrics.jsonl").exists() and len(losses(out)) >= 3, proc, timeout=240)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    stopped_at = max(losses(out))
+    # Both processes agreed on the step, wrote one checkpoint together and said so.
+    assert stderr.count(f"stopped by SIGTERM after step {stopped_at}") == 2, stderr[-3000:]
+    assert (out / "checkpoints" / f"step_{stopped_at}").is_dir()
+    assert {p.name for p in (out / "checkpoints" / f"step_{stopped_at}").glob("generator_*")} == \
+        {"generator_0.safetensors", "generator_1.safetensors"}
+    result = run_train(QUICK + ["--max_train_steps", stopped_at + 2, "--output_dir", out,
+                                "--resume_from_checkpoint", "latest"], launcher=ACCELERATE, timeout=300)
+    check_ok(result)
+    assert max(losses(out)) == stopped_at + 2
