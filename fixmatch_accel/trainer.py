@@ -557,7 +557,9 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
             architecture=cfg.model,
             num_classes=data.num_classes,
             label_names=data.class_names,
-            pretrained_cfg=dict(input_size=[3, size, size], mean=mean, std=std, num_classes=data.num_classes),
+            # interpolation / crop: timm's eval transform then resizes exactly as training did (bilinear, whole image).
+            pretrained_cfg=dict(input_size=[3, size, size], mean=mean, std=std, num_classes=data.num_classes,
+                                interpolation="bilinear", crop_pct=1.0, crop_mode="squash"),
             settings=cfg.to_dict(),
             setting_sources=sources or {},
             resolved=dict(image_size=size, crop_padding=pad, augment_device=augment_device,

@@ -317,8 +317,6 @@ def test_model_safetensors_loads_in_plain_timm(timm_run):
         torch.testing.assert_close(model.eval()(inputs), expected)
 
 
-@pytest.mark.xfail(strict=True, reason="config.json's pretrained_cfg lacks interpolation='bilinear', crop_pct=1.0, "
-                   "crop_mode='squash': timm's eval transform then resizes bicubic to size/0.875 and centre-crops")
 def test_timm_eval_transform_matches_training_preprocessing(timm_run):
     import timm
     import torch
