@@ -706,6 +706,8 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
     accelerator.end_training()
     accelerator.print(f"final EMA model: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}% "
                       f"on {result['num_eval']} {data.eval_split} images -> {cfg.output_dir}")
+    accelerator.print("per class top-1: " + ", ".join(
+        f"{name} {'-' if acc is None else f'{acc:.1f}'}" for name, acc in zip(data.class_names, result["per_class"])))
     skipped = len(bad_images) + state.bad_images + result["skipped_images"]
     if skipped:
         accelerator.print(f"skipped {skipped} unreadable image reads ({result['skipped_images']} in the last evaluation)")

@@ -32,6 +32,8 @@ def test_tiny_digits_run_leaves_everything(tmp_path):
     result = run_train(TINY_DIGITS + ["--max_train_steps", "6", "--output_dir", out, "--augment_device", "accelerator"])
     check_ok(result)
     assert "final EMA model: top-1" in result.stdout
+    per_class = next(line for line in result.stdout.splitlines() if line.startswith("per class top-1: "))
+    assert per_class.count(",") == 9 and per_class.split(": ", 1)[1].startswith("0 ")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architecture"] == "small_cnn" and cfg["num_classes"] == 10 and cfg["world_size"] == 1
     assert cfg["resolved"]["cache_decoded"] is True and cfg["resolved"]["channels_last"] is False
