@@ -529,12 +529,19 @@ def _fix16(v: Tensor) -> Tensor:
     return whole.long() * 65536 + ((v - whole) * 65536.0 + 0.5).floor().long()
 
 
-def _affine_sample(x: Tensor, coeffs: Tensor, fill: Tensor, resample: str) -> Tensor:
+# Affine ops that move points along one axis only (the other coordinate stays on the pixel grid).
+_ONE_AXIS = {"ShearX": "x", "TranslateXRel": "x", "TranslateX": "x", "ShearY": "y", "TranslateYRel": "y", "TranslateY": "y"}
+
+
+def _affine_sample(x: Tensor, coeffs: Tensor, fill: Tensor, resample: str, axis: str = "xy") -> Tensor:
     """PIL Image.transform(AFFINE) for a batch: uint8 [N, C, H, W] -> same.
 
     PIL maps output pixel centre (x + .5, y + .5) to an input point; a point outside
     [0, W) x [0, H) gets the fill. Bilinear reads pixel centres with edge clamping and
     truncates to uint8; nearest takes the pixel containing the point (in PIL's fixed point).
+    `axis` "x" (or "y") says every point keeps its row (column) exactly, as for shears and
+    translations along one axis: the other axis' interpolation weight is 0, so two taps give
+    the same result as four.
     """
     n, c, h, w = x.shape
     dev = x.device
@@ -571,11 +578,18 @@ def _affine_sample(x: Tensor, coeffs: Tensor, fill: Tensor, resample: str) -> Te
         x0, y0 = sx.floor(), sy.floor()
         dx, dy = (sx - x0).unsqueeze(1), (sy - y0).unsqueeze(1)
         x0, y0 = x0.long(), y0.long()
-        v00, v01 = take(y0, x0).to(dtype), take(y0, x0 + 1).to(dtype)
-        v10, v11 = take(y0 + 1, x0).to(dtype), take(y0 + 1, x0 + 1).to(dtype)
-        top = v00 + (v01 - v00) * dx
-        bottom = v10 + (v11 - v10) * dx
-        out = (top + (bottom - top) * dy).clamp(0, 255).floor().to(torch.uint8)
+        v00 = take(y0, x0).to(dtype)
+        if axis == "x":
+            out = v00 + (take(y0, x0 + 1).to(dtype) - v00) * dx
+        elif axis == "y":
+            out = v00 + (take(y0 + 1, x0).to(dtype) - v00) * dy
+        else:
+            v01 = take(y0, x0 + 1).to(dtype)
+            v10, v11 = take(y0 + 1, x0).to(dtype), take(y0 + 1, x0 + 1).to(dtype)
+            top = v00 + (v01 - v00) * dx
+            bottom = v10 + (v11 - v10) * dx
+            out = top + (bottom - top) * dy
+        out = out.clamp(0, 255).floor().to(torch.uint8)
     return torch.where(inside, out, fill)
 
 
@@ -642,8 +656,37 @@ def _apply_layer(x: Tensor, op: Tensor, applied: Tensor, names: Sequence[str],
         blended = degenerate + factor.float().view(n, 1, 1, 1) * (xf - degenerate)
         out = torch.where(kind == _BLEND, blended.clamp(0, 255).floor().to(torch.uint8), out)
     if coeffs is not None:
-        out = torch.where(kind == _AFFINE, _affine_sample(x, coeffs, fill, resample), out)
+        affine = {name for name in names if name in _AFFINE_OPS}
+        axis = _ONE_AXIS.get(affine.pop(), "xy") if len(affine) == 1 else "xy"
+        out = torch.where(kind == _AFFINE, _affine_sample(x, coeffs, fill, resample, axis), out)
     return out
+
+
+def _apply_layer_grouped(x: Tensor, op: Tensor, applied: Tensor, names: Sequence[str],
+                         args: Sequence[Tensor | None], fill: Tensor, resample: str) -> Tensor:
+    """_apply_layer computing each sample's op for that sample only (eager CPU).
+
+    The same op functions on each op's subset of the batch, so the result is identical;
+    about 1/len(names) of the work, at the price of data-dependent shapes and a host
+    read of the op counts, which cost nothing on a CPU but would break a compiled graph.
+    """
+    out = x.clone()
+    chosen = torch.where(applied, op, -1)
+    for k, (name, arg) in enumerate(zip(names, args)):
+        idx = torch.nonzero(chosen == k).flatten()
+        if name == "Identity" or idx.numel() == 0:
+            continue
+        sub = x.index_select(0, idx)
+        sub_arg = None if arg is None else arg.index_select(0, idx)
+        keep = torch.zeros(len(idx), dtype=torch.int64, device=x.device)
+        everyone = torch.ones(len(idx), dtype=torch.bool, device=x.device)
+        out.index_copy_(0, idx, _apply_layer(sub, keep, everyone, (name,), (sub_arg,), fill, resample))
+    return out
+
+
+def _grouped(images: Tensor) -> bool:
+    """Whether to apply ops by group: eager on a CPU (where every op on every sample is the cost)."""
+    return images.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def apply_op(images: Tensor, name: str, arg: float | Tensor | None = None, *,
@@ -797,8 +840,9 @@ def apply_rand_augment(images: Tensor, params: RandAugmentParams,
         else:
             bases_args = [_timm_level_to_arg(name, m, sign) for name in spec.ops]
         names, args = zip(*bases_args)
-        x = _apply_layer(x, params.op[:, layer], params.applied[:, layer], names, args, fill_t,
-                         "nearest" if spec.paper else "bilinear")
+        apply_layer = _apply_layer_grouped if _grouped(images) else _apply_layer
+        x = apply_layer(x, params.op[:, layer], params.applied[:, layer], names, args, fill_t,
+                        "nearest" if spec.paper else "bilinear")
     if spec.paper:
         x = _cutout(x, params.cutout_center, fill_t)
     return x

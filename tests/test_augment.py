@@ -503,3 +503,17 @@ def test_paper_cpu_path_cutout():
         assert mask.sum() == h * w and h <= 16 and w <= 16  # one clipped 16px square
         assert h == 16 or ys.min() == 0 or ys.max() == 31
         assert w == 16 or xs.min() == 0 or xs.max() == 31
+
+
+@pytest.mark.parametrize("config", ["rand-m9-mstd0.5", "rand-m7-n3-mstd1-inc1", "paper"])
+def test_grouped_cpu_application_equals_the_static_shape_one(config, monkeypatch):
+    """Eager CPU applies each op to its own samples only; compiled / accelerator code computes every op for
+    every sample and selects. Both must give the very same pixels."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (96, 3, 16, 16), dtype=torch.uint8, generator=g)
+    params = A.sample_rand_augment_params(96, config, generator=g, image_size=(16, 16))
+    assert A._grouped(x)
+    grouped = A.apply_rand_augment(x, params, config)
+    monkeypatch.setattr(A, "_grouped", lambda images: False)
+    assert torch.equal(grouped, A.apply_rand_augment(x, params, config))
+    assert not torch.equal(grouped, x)
