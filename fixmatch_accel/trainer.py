@@ -568,6 +568,9 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
                           num_train=data.num_train, num_eval=len(data.eval_labels), num_labeled=len(labeled_idx),
                           streaming=data.streaming),
             world_size=world,
+            # torchrun's count of machines (its agents); else (mpirun) processes in all / processes on this machine.
+            num_machines=int(os.environ.get("GROUP_WORLD_SIZE")
+                             or world // int(os.environ.get("LOCAL_WORLD_SIZE", world))),
             global_batch=dict(labeled=B * world, unlabeled=U * world),
             mixed_precision=accelerator.mixed_precision,
             device=str(device),
