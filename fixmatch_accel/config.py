@@ -83,6 +83,7 @@ class TrainConfig:
     output_dir: str = _f("outputs/fixmatch", "Where the run writes config.json, metrics.jsonl, checkpoints and the model.")
     overwrite_output_dir: bool = _f(False, "Start a new run in an output_dir that holds another run's files (they are overwritten).")
     report_to: str = _f("none", "Trackers for accelerate (tensorboard, wandb, ..., all) besides metrics.jsonl; 'none' for none.")
+    ddp_timeout: int = _f(1800, "Seconds a process waits for the others in a collective before failing: how long the other machines wait for one that hangs or drops off the network (a crashed one is noticed at once); transformers' name and default.")
     seed: int = _f(0, "Seed for the labeled split, initialisation, data order and augmentation.")
 
     # Presets and config files (recorded so config.json says how the run was set up)
@@ -286,7 +287,7 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[TrainConfig, Dict[str,
 
 def validate(cfg: TrainConfig) -> None:
     """Reject settings that cannot work, naming the flag."""
-    positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "mu", "max_train_steps", "logging_steps", "num_labeled"]
+    positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "mu", "max_train_steps", "logging_steps", "num_labeled", "ddp_timeout"]
     for name in positive:
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")

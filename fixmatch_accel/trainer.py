@@ -3,6 +3,7 @@
 `train(cfg)` is the only place that decides the order of things.
 """
 
+import datetime
 import json
 import math
 import os
@@ -261,6 +262,7 @@ def _trackers(report_to: str):
 
 def _make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import InitProcessGroupKwargs
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     # A multi-process launch on a machine without GPUs must use gloo on the CPU;
@@ -274,6 +276,9 @@ def _make_accelerator(cfg: TrainConfig):
         # The schedule counts optimizer steps, whatever the number of processes.
         step_scheduler_with_optimizer=False,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # A peer that stops answering (a machine lost without a connection reset) fails the next collective
+        # after this long instead of the backend default; a peer that crashed fails it at once.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.ddp_timeout))],
     )
     if accelerator.num_processes != world_size:
         raise UsageError(

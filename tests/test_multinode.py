@@ -164,3 +164,50 @@ def test_a_stream_is_split_exactly_across_two_machines(tmp_path):
     # Complete: 4 pieces of 50 rows, one per worker, each dropping its last partial batch of 4.
     covered = set(ranks[0]["unlabeled"]) | set(ranks[1]["unlabeled"])
     assert len(covered) == 4 * 48 and covered <= set(range(200))
+
+
+@pytest.mark.parametrize("how, timeout, message", [
+    # A crash or power loss closes the dead machine's connections: the other fails at its next collective
+    # (gloo says "Connection closed by peer" or "Connection reset by peer", whichever it meets first).
+    ("killed", 1800, "by peer"),
+    # A frozen or unreachable machine closes nothing: --ddp_timeout bounds the wait. It must exceed every wait
+    # of a healthy run, such as machine 1 waiting while machine 0 prepares the data (a healthy run passed at 2 s).
+    ("frozen", 10, "timed out"),
+])
+def test_when_one_machine_dies_the_other_ends(tmp_path, how, timeout, message):
+    out = tmp_path / "run"
+    args = TINY_DIGITS + ["--augment_device", "accelerator", "--max_train_steps", "1000000", "--logging_steps", "1",
+                          "--eval_steps", "0", "--checkpointing_steps", "0", "--ddp_timeout", timeout,
+                          "--output_dir", out]
+    metrics = out / "metrics.jsonl"
+    with two_machines(tmp_path / "logs", TRAIN, args) as (machine0, machine1):
+        deadline = time.monotonic() + 240
+        while not (metrics.exists() and metrics.read_text()):  # a row: both machines are training
+            if machine0.poll() is not None or machine1.poll() is not None:
+                pytest.fail("a machine ended before training began:\n" + "\n".join(
+                    output(tmp_path / "logs", rank, None).stderr[-2000:] for rank in (0, 1)))
+            assert time.monotonic() < deadline, "training never began"
+            time.sleep(0.1)
+        stopped = time.monotonic()
+        if how == "killed":
+            kill_machine(machine1)
+        else:
+            victim = psutil.Process(machine1.pid)
+            for p in [victim, *victim.children(recursive=True)]:
+                p.suspend()
+        code = machine0.wait(timeout=120)
+        took = time.monotonic() - stopped
+    result = output(tmp_path / "logs", 0, code)
+    assert result.returncode != 0 and message in result.stderr.lower(), result.stderr[-3000:]
+    assert took < min(timeout, 30) + 30, took
+    if how == "frozen":
+        assert took >= timeout, took  # it was --ddp_timeout that ended the wait
+
+
+def test_ddp_timeout_must_be_positive():
+    from fixmatch_accel.config import parse_args
+    from fixmatch_accel.errors import UsageError
+
+    assert parse_args(["--dataset_name", "digits"])[0].ddp_timeout == 1800
+    with pytest.raises(UsageError, match="--ddp_timeout must be at least 1, got 0"):
+        parse_args(["--dataset_name", "digits", "--ddp_timeout", "0"])
