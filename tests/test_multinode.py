@@ -26,7 +26,8 @@ from test_e2e import TINY_DIGITS, check_ok, read_metrics
 MULTI_NODE = ROOT / "launch_configs" / "multi_node.yaml"
 TRAIN = ROOT / "train.py"
 # One thread per process: two "machines" share this host's cores (torchrun sets it only for several local workers).
-ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+# No GPU: on a host with one, both "machines" would take cuda:0, and NCCL refuses two ranks on one device.
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 
 
 def free_port() -> int:
