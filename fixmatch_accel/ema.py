@@ -43,8 +43,16 @@ class ModelEMA(nn.Module):
             else:
                 ema_other.append(ema_t)
                 live_other.append(live_t)
-        # One fused foreach kernel per group instead of a Python loop of small ops.
-        torch._foreach_lerp_(ema_float, live_float, 1.0 - d)
+        if ema_float and ema_float[0].device.type == "xla":
+            # XLA gives equal Python scalars one shared graph input: a weight that now and then equals another
+            # constant of the step (0.5, 0.45, ...) would change the graph and recompile it. A 1-element
+            # tensor is always an input of its own.
+            weight = torch.tensor([1.0 - d], dtype=torch.float32).to(ema_float[0].device).view(())
+            for e, l in zip(ema_float, live_float):
+                e.lerp_(l, weight)
+        else:
+            # One fused foreach kernel per group instead of a Python loop of small ops.
+            torch._foreach_lerp_(ema_float, live_float, 1.0 - d)
         for e, l in zip(ema_other, live_other):
             e.copy_(l)
 

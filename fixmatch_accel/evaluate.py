@@ -5,6 +5,8 @@ from typing import Callable, Dict
 import torch
 from tqdm.auto import tqdm
 
+from .xla import PAD_ROW, sync
+
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator, prepare_inputs: Callable, num_classes: int, show_progress: bool = False,
@@ -13,8 +15,9 @@ def evaluate(model, loader, accelerator, prepare_inputs: Callable, num_classes: 
 
     A prepared loader: `gather_for_metrics` drops the samples that the last uneven
     batch repeats, so each image counts once. A `sharded` loader (a stream split by
-    node) gives each process a disjoint share of its own length: counts stay local and
-    are summed once at the end. Unreadable images (negative rows) are left out and counted.
+    node, or a loader padded to full batches on XLA) gives each process a disjoint share: counts stay local and
+    are summed once at the end. Unreadable images (negative rows) are left out and counted;
+    padding (row PAD_ROW, which keeps every batch one shape on XLA) is left out.
     Counts accumulate on the device; one host transfer at the end.
     """
     k = min(5, num_classes)
@@ -23,6 +26,9 @@ def evaluate(model, loader, accelerator, prepare_inputs: Callable, num_classes: 
     correct5 = torch.zeros((), device=device)
     total = torch.zeros(num_classes, device=device)
     skipped = torch.zeros((), device=device)
+    xla = device.type == "xla"
+    if xla:  # the counters become graph inputs, so every batch is one and the same graph
+        sync()
     for images, labels, rows in tqdm(loader, desc="eval", leave=False, disable=not show_progress):
         with accelerator.autocast():
             logits = model(prepare_inputs(images))
@@ -34,10 +40,14 @@ def evaluate(model, loader, accelerator, prepare_inputs: Callable, num_classes: 
         correct1.index_add_(0, labels, hit1)
         correct5 += ((topk == labels[:, None]).any(dim=-1).float() * valid).sum()
         total.index_add_(0, labels, valid)
-        skipped += (1 - valid).sum()
+        skipped += ((rows < 0) & (rows != PAD_ROW)).float().sum()
+        if xla:  # one graph per batch (a stream's loader does not cut graphs as accelerate's loader does)
+            sync()
+    counts = torch.cat([correct1, correct5.view(1), total, skipped.view(1)])
     if sharded:
-        correct1, correct5, total, skipped = accelerator.reduce((correct1, correct5, total, skipped), reduction="sum")
-    correct1, correct5, total, skipped = correct1.cpu(), correct5.cpu(), total.cpu(), skipped.cpu()
+        counts = accelerator.reduce(counts, reduction="sum")  # one collective
+    counts = counts.cpu()  # the one host transfer
+    correct1, correct5, total, skipped = counts.split([num_classes, 1, num_classes, 1])
     n = total.sum().clamp(min=1)
     return {
         "top1": float(correct1.sum() / n * 100),

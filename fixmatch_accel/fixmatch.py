@@ -52,7 +52,8 @@ def fixmatch_loss(
         "mask_ratio": mask.mean(),
         "mask_count": mask_count,
         "num_unlabeled": torch.tensor(float(mask.numel()), device=mask.device),
-        "mask_per_class": torch.zeros(logits_u_w.shape[-1], device=mask.device).index_add_(0, pseudo_labels, mask),
+        # scatter_add_, not index_add_: torch_xla 2.9 aborts on index_add_ with the indices of max().
+        "mask_per_class": torch.zeros(logits_u_w.shape[-1], device=mask.device).scatter_add_(0, pseudo_labels, mask),
     }
     if targets_u is not None:
         correct = ((pseudo_labels == targets_u).float() * mask).sum()

@@ -32,6 +32,8 @@ from .evaluate import evaluate
 from .fixmatch import fixmatch_loss
 from .models import create_model
 from .streaming import StreamImages, StreamLoader, batches_per_pass, unlabeled_stream
+from .xla import PaddedToMultiple, XlaMetricsLog, give_loader_dataset, is_xla, load_models_on_host, padded_collate
+from .xla import sync as xla_sync
 
 # Decoded train splits under this size are kept in memory by default (--cache_decoded).
 CACHE_LIMIT_BYTES = 4 * 2**30
@@ -172,7 +174,9 @@ def save_checkpoint(accelerator, output_dir: str, state: TrainState, ema: ModelE
     accelerator.save_state(tmp)
     save_file({"state": generator.get_state()}, os.path.join(tmp, f"generator_{accelerator.process_index}.safetensors"))
     if accelerator.is_main_process:
-        save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, os.path.join(tmp, "ema.safetensors"))
+        # .cpu(): safetensors reads host memory (an XLA tensor has none to point at); it copies device tensors anyway.
+        save_file({k: v.cpu().contiguous() for k, v in ema.module.state_dict().items()},
+                  os.path.join(tmp, "ema.safetensors"))
         _write_json(os.path.join(tmp, "trainer_state.json"),
                     {"step": state.step, "skipped": state.skipped, "bad_images": state.bad_images,
                      "positions": state.positions, "layout": state.layout})
@@ -280,7 +284,8 @@ def _make_accelerator(cfg: TrainConfig):
         # after this long instead of the backend default; a peer that crashed fails it at once.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.ddp_timeout))],
     )
-    if accelerator.num_processes != world_size:
+    # XLA's launcher (xmp.spawn) starts its processes without WORLD_SIZE.
+    if accelerator.num_processes != world_size and not is_xla(accelerator.device):
         raise UsageError(
             f"the launcher started {world_size} processes but accelerate sees {accelerator.num_processes}: "
             "on a machine without GPUs launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N"
@@ -426,12 +431,18 @@ def build_loaders(cfg: TrainConfig, data, labeled_idx: List[int], labeled_rows, 
             # datasets reads each shard in one worker: more workers than this process's shards would sit idle.
             n = data.eval.n_shards
             eval_workers = min(workers, n // world if n % world == 0 else n)
+            eval_collate = collate_fillers
+            if is_xla(device):  # full batches only: a short last batch would be a new graph to compile
+                eval_collate = partial(padded_collate, collate_fillers, cfg.per_device_eval_batch_size)
             evaluation = StreamLoader(loader(eval_stream, batch_size=cfg.per_device_eval_batch_size,
-                                             num_workers=eval_workers, persistent_workers=eval_workers > 0), device)
+                                             num_workers=eval_workers, persistent_workers=eval_workers > 0,
+                                             collate_fn=eval_collate), device)
             return loader(labeled_ds, batch_size=B, shuffle=True, drop_last=True), unlabeled, evaluation
         unlabeled_rows = repeat_to_fill([r for r in range(data.num_train) if r not in excluded], U * world)
         unlabeled_ds = ImageDataset(data.train, unlabeled_rows, *columns, size, unlabeled_views, seeds=unlabeled_seeds)
         eval_ds = ImageDataset(data.eval, range(len(data.eval_labels)), *columns, size)
+    if is_xla(device):  # every batch of every process full and distinct: one shape, evaluated as `sharded`
+        eval_ds = PaddedToMultiple(eval_ds, cfg.per_device_eval_batch_size * world)
     return (loader(labeled_ds, batch_size=B, shuffle=True, drop_last=True),
             loader(unlabeled_ds, batch_size=U, shuffle=True, drop_last=True),
             loader(eval_ds, batch_size=cfg.per_device_eval_batch_size, shuffle=False))
@@ -512,12 +523,19 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
     prepared = iter(prepared)
     labeled_loader, unlabeled_loader, eval_loader = (
         lo if isinstance(lo, StreamLoader) else next(prepared) for lo in loaders)
+    if is_xla(device):
+        for lo in (labeled_loader, unlabeled_loader, eval_loader):
+            give_loader_dataset(lo)
+        accelerator.register_load_state_pre_hook(load_models_on_host)
     live_model = accelerator.unwrap_model(model)
     ema = ModelEMA(live_model, cfg.ema_decay)
     ema.module.to(device)  # the EMA copy is never prepared: it is evaluated and saved as it is
     state = TrainState()
     state.layout = dict(processes=world, **({"workers": num_workers(cfg)} if data.streaming else {}))
-    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + accelerator.process_index)
+    # XLA has no torch.Generator: draw the (small) augmentation parameters on the host, the same numbers as a
+    # CPU run, and copy them to the device with the batch; the pixel work stays on the device.
+    generator = torch.Generator(device="cpu" if device.type == "xla" else device).manual_seed(
+        cfg.seed * 1_000_003 + accelerator.process_index)
     if resume_path is not None:
         load_checkpoint(accelerator, resume_path, state, ema, generator)
         accelerator.print(f"resumed from {resume_path} at step {state.step}")
@@ -584,13 +602,18 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
     if cfg.report_to != "none":
         accelerator.init_trackers("fixmatch", config={k: v for k, v in cfg.to_dict().items() if v is not None})
     metrics = MetricsLog(accelerator, os.path.join(cfg.output_dir, "metrics.jsonl"), append=resume_path is not None)
+    # On XLA: compile and CPU-fallback counts at each logging step, so a TPU run can be checked for recompiles.
+    xla_metrics = (XlaMetricsLog(os.path.join(cfg.output_dir, "xla_metrics.json"),
+                                 resume_step=state.step if resume_path is not None else None)
+                   if is_xla(device) and is_main else None)
+    start_step = state.step
 
     labeled_iter = endless(labeled_loader, "labeled", state, accelerator)
     unlabeled_iter = endless(unlabeled_loader, "unlabeled", state, accelerator)
 
     def run_eval(step: int) -> Dict:
         result = evaluate(ema.module, eval_loader, accelerator, eval_inputs, data.num_classes, show_progress=bar_on,
-                          sharded=isinstance(eval_loader, StreamLoader))
+                          sharded=isinstance(eval_loader, StreamLoader) or is_xla(device))
         metrics.write(dict(step=step, top1=result["top1"], top5=result["top5"], per_class=result["per_class"]))
         return result
 
@@ -615,10 +638,20 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
                        f"stopped without saving. Last good checkpoint: {good or 'none'}. "
                        "Try a lower --learning_rate or --mixed_precision bf16 instead of fp16.", 1)
 
+    def zero_sums() -> Dict[str, torch.Tensor]:
+        """A logging window's running sums, at zero: every step then adds, so every step is the same graph."""
+        sums = {k: torch.zeros((), device=device) for k in SUMMED}
+        sums.update(mask_per_class=torch.zeros(data.num_classes, device=device),
+                    bad_images=torch.zeros((), dtype=torch.long, device=device),
+                    bad_row=torch.full((), -1, dtype=torch.long, device=device))  # below any bad row's -row-1 >= 0
+        if is_xla(device):  # made now, so the next step's graph finds them as inputs, not as constants
+            xla_sync()
+        return sums
+
     stop = StopSignal()
     bar = tqdm(total=cfg.max_train_steps, initial=state.step, desc="fixmatch", disable=not bar_on,
                dynamic_ncols=True)
-    sums: Dict[str, torch.Tensor] = {}
+    sums = zero_sums()
     window_steps, window_start = 0, time.perf_counter()
     model.train()
     try:
@@ -627,8 +660,8 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
             x, y, u_w, strong, u_y, rows = views(next(labeled_iter), next(unlabeled_iter))
             # Unreadable images the loaders replaced have negative rows: counted on the device.
             bad, bad_row = (rows < 0).sum(), (-rows - 1).max()
-            sums["bad_images"] = sums["bad_images"] + bad if "bad_images" in sums else bad
-            sums["bad_row"] = torch.maximum(sums["bad_row"], bad_row) if "bad_row" in sums else bad_row
+            sums["bad_images"] = sums["bad_images"] + bad
+            sums["bad_row"] = torch.maximum(sums["bad_row"], bad_row)
             # Forward and loss: one pass over all three views, so BatchNorm sees the whole batch.
             loss, stats = core(x, y, u_w, strong, u_y)
             # Only on request: a host sync (and, with several processes, a collective) every step.
@@ -644,13 +677,15 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
                 ema.update(live_model, state.step)
                 # Statistics stay on the device until a logging step.
                 for k in (*SUMMED, "mask_per_class"):
-                    sums[k] = sums[k] + stats[k] if k in sums else stats[k].clone()
+                    sums[k] = sums[k] + stats[k]
                 window_steps += 1
             else:
                 state.skipped += 1
             state.step += 1
             bar.update(1)
             step = state.step
+            if is_xla(device):  # one graph per training step, launched here, before a logging step reads values
+                xla_sync()
 
             logging = step % cfg.logging_steps == 0 or step == cfg.max_train_steps
             if logging and window_steps:
@@ -675,7 +710,9 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
                                       f"loss_u {row['loss_u']:.4f} mask {row['mask_ratio']:.3f} "
                                       f"pl_acc {row['pseudo_label_acc']:.3f} lr {row['lr']:.5f} "
                                       f"img/s {row['images_per_s']:.0f}", flush=True)
-                sums, window_steps, window_start = {}, 0, time.perf_counter()
+                sums, window_steps, window_start = zero_sums(), 0, time.perf_counter()
+                if xla_metrics is not None:  # after the window's reset, so the row holds all of this step's graphs
+                    xla_metrics.write(step, since_step=start_step)
             # A signal stops a single process at once; several processes agree at a logging step.
             stopping = stop.signum is not None if world == 1 else logging and _any_process(accelerator, stop)
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step != cfg.max_train_steps and not stopping:
@@ -701,7 +738,9 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
     if cfg.checkpointing_steps and state.step % cfg.checkpointing_steps:
         checkpoint()
     accelerator.wait_for_everyone()
-    accelerator.save_model(ema.module, cfg.output_dir)  # model.safetensors, main process only
+    # model.safetensors, main process only. accelerate's safetensors path reads host pointers: on XLA the
+    # (finished) EMA model moves to the host first.
+    accelerator.save_model(ema.module.cpu() if is_xla(device) else ema.module, cfg.output_dir)
     if is_main:
         _write_json(os.path.join(cfg.output_dir, "eval_results.json"),
                     dict(result, step=state.step, eval_split=data.eval_split,

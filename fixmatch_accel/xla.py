@@ -1,0 +1,133 @@
+"""What the XLA (TPU) path needs besides accelerate: graph cuts, fixed eval shapes, compile and fallback counts.
+
+torch_xla records operations lazily and compiles each distinct graph once. A run
+stays fast only while every training step builds the very same graph: static
+shapes, no value read on the host, no operation without an XLA lowering (those
+"fall back" to the CPU and are counted as `aten::` counters). `xla_metrics.json`
+records the counts at each logging step so a run on a TPU can be checked as the
+tests check one on XLA's CPU device (PJRT_DEVICE=CPU).
+
+Nothing here imports torch_xla unless the device is an XLA device.
+"""
+
+import json
+import os
+from typing import Dict, List, Optional
+
+import torch
+
+# The row of a padding example in an evaluation batch: neither counted nor a skipped (unreadable) image.
+PAD_ROW = -(2**62)
+
+
+def is_xla(device: torch.device) -> bool:
+    return torch.device(device).type == "xla"
+
+
+def sync() -> None:
+    """End the graph recorded so far and launch it (torch_xla's step marker); nothing is read back."""
+    import torch_xla
+
+    torch_xla.sync()
+
+
+def pad_batch(batch, size: int):
+    """(*views, labels, rows) with fewer than `size` examples -> `size` examples; the padding has row PAD_ROW.
+
+    A short last batch would be a new shape, hence a new graph to compile.
+    """
+    n = len(batch[-1])
+    if n >= size:
+        return batch
+    extra = size - n
+    parts = [torch.cat([p, p.new_zeros((extra, *p.shape[1:]))]) for p in batch[:-1]]
+    return (*parts, torch.cat([batch[-1], torch.full((extra,), PAD_ROW, dtype=batch[-1].dtype)]))
+
+
+class PaddedToMultiple(torch.utils.data.Dataset):
+    """`dataset` of (*views, label, row) followed by padding examples up to a multiple of `multiple`.
+
+    With `multiple` = batch size x processes every batch of every process is full and no
+    example is repeated, so evaluation keeps one shape and counts each image once.
+    """
+
+    def __init__(self, dataset, multiple: int):
+        self.dataset = dataset
+        self.n = len(dataset)
+        self.total = -(-self.n // multiple) * multiple
+
+    def __len__(self):
+        return self.total
+
+    def _pad_item(self):
+        *views, label, _ = self.dataset[0]
+        return (*(torch.zeros_like(v) for v in views), label, PAD_ROW)
+
+    def __getitem__(self, i):
+        return self.dataset[i] if i < self.n else self._pad_item()
+
+    def __getitems__(self, indices: List[int]):
+        real = [i for i in indices if i < self.n]
+        if not hasattr(self.dataset, "__getitems__"):  # per-example datasets: the loader's collate_fn batches them
+            return [self.dataset[i] for i in real] + [self._pad_item() for _ in range(len(indices) - len(real))]
+        return pad_batch(self.dataset.__getitems__(real), len(indices))
+
+
+def padded_collate(collate, size: int, samples):
+    """A collate_fn whose batches always hold `size` examples (streams, whose length is unknown)."""
+    return pad_batch(collate(samples), size)
+
+
+def give_loader_dataset(loader) -> None:
+    """accelerate 1.15's XLA loader wrapper lacks `.dataset`, which save_state and load_state read."""
+    if not hasattr(loader, "dataset") and hasattr(loader, "dataloader"):
+        loader.dataset = loader.dataloader.dataset
+
+
+def load_models_on_host(models: list, input_dir: str) -> None:
+    """accelerate load_state pre-hook: read each model file on the host and copy it into the XLA model.
+
+    safetensors' load_model reads the host pointers of the model's tensors, which XLA
+    tensors lack; the models are taken off accelerate's list, which loads the rest.
+    """
+    from accelerate.utils.constants import SAFE_MODEL_NAME
+    from safetensors.torch import load_file
+
+    for i, model in enumerate(models):
+        model.load_state_dict(load_file(os.path.join(input_dir, f"{SAFE_MODEL_NAME}{f'_{i}' if i else ''}.safetensors")))
+    models.clear()
+
+
+def counts() -> Dict:
+    """Graph compilations and executions, device-to-host transfers and CPU fallbacks (`aten::` counters) so far."""
+    import torch_xla.debug.metrics as met
+
+    def samples(name: str) -> int:
+        data = met.metric_data(name)
+        return int(data[0]) if data else 0
+
+    return dict(compiles=samples("CompileTime"), executions=samples("ExecuteTime"),
+                transfers_to_host=samples("TransferFromDeviceTime"),
+                fallbacks={n: int(met.counter_value(n)) for n in sorted(met.counter_names()) if n.startswith("aten::")})
+
+
+class XlaMetricsLog:
+    """output_dir/xla_metrics.json: a list of rows {step, compiles, executions, transfers_to_host, fallbacks}.
+
+    Written whole (temp file + rename) by the main process at each logging step; a
+    resumed run keeps the rows up to its checkpoint's step and appends after them.
+    """
+
+    def __init__(self, path: str, resume_step: Optional[int] = None):
+        self.path = path
+        self.rows: List[Dict] = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                self.rows = [r for r in json.load(f) if r["step"] <= resume_step]
+
+    def write(self, step: int, **extra) -> None:
+        self.rows.append(dict(step=step, **counts(), **extra))
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.rows, f, indent=1)
+        os.replace(tmp, self.path)
