@@ -4,6 +4,7 @@
 """
 
 import datetime
+import dataclasses
 import json
 import math
 import os
@@ -180,6 +181,7 @@ def save_checkpoint(accelerator, output_dir: str, state: TrainState, ema: ModelE
         _write_json(os.path.join(tmp, "trainer_state.json"),
                     {"step": state.step, "skipped": state.skipped, "bad_images": state.bad_images,
                      "positions": state.positions, "layout": state.layout})
+        shutil.copy(os.path.join(output_dir, "labeled_split.json"), tmp)  # the run's labeled examples
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if os.path.isdir(final):  # the same step saved before a resume: keep the older copy aside
@@ -458,6 +460,10 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
         raise UsageError(str(e)) from None
     resume_path = _resolve_resume(cfg)
     _check_output_dir(cfg, resuming=resume_path is not None)
+    saved_split = resume_path and os.path.join(resume_path, "labeled_split.json")
+    if saved_split and os.path.exists(saved_split) and cfg.labeled_split_file is None:
+        # A resumed run trains on the labels it started with, whatever --seed or --num_labeled say now.
+        cfg = dataclasses.replace(cfg, labeled_split_file=saved_split)
     accelerator = _make_accelerator(cfg)
     is_main = accelerator.is_main_process
     bar_on = is_main and sys.stderr.isatty()  # progress bars on a terminal; plain lines in logs
@@ -538,7 +544,8 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
         cfg.seed * 1_000_003 + accelerator.process_index)
     if resume_path is not None:
         load_checkpoint(accelerator, resume_path, state, ema, generator)
-        accelerator.print(f"resumed from {resume_path} at step {state.step}")
+        accelerator.print(f"resumed from {resume_path} at step {state.step}"
+                          + (", labeled split from the checkpoint" if cfg.labeled_split_file == saved_split else ""))
     checkpoint = partial(save_checkpoint, accelerator, cfg.output_dir, state, ema, generator,
                          total_limit=cfg.checkpoints_total_limit)
 

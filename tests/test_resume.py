@@ -65,6 +65,29 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path):
     assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
 
 
+def test_sigint_checkpoints_and_exits_130(tmp_path):
+    out = tmp_path / "run"
+    proc = start(QUICK + ["--max_train_steps", 400, "--output_dir", out])
+    wait_for(lambda: (out / "metrics.jsonl").exists() and len(losses(out)) >= 3, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    stopped_at = max(losses(out))
+    assert proc.returncode == 128 + signal.SIGINT and f"stopped by SIGINT after step {stopped_at}" in stderr
+    assert (out / "checkpoints" / f"step_{stopped_at}" / "trainer_state.json").exists()
+
+
+def test_resume_keeps_the_checkpoints_labeled_split(tmp_path):
+    out = tmp_path / "run"
+    check_ok(run_train(QUICK + ["--max_train_steps", 3, "--checkpointing_steps", 3, "--output_dir", out]))
+    first = json.loads((out / "labeled_split.json").read_text())["indices"]
+    # Another seed would draw another split: a resumed run keeps the one it was trained with.
+    result = run_train(QUICK + ["--max_train_steps", 4, "--output_dir", out, "--seed", 5,
+                                "--resume_from_checkpoint", "latest"])
+    check_ok(result)
+    assert json.loads((out / "labeled_split.json").read_text())["indices"] == first
+    assert "labeled split from the checkpoint" in result.stdout
+
+
 def test_sigkill_then_resume_from_the_last_complete_checkpoint(tmp_path):
     out = tmp_path / "run"
     proc = start(QUICK + ["--max_train_steps", 400, "--checkpointing_steps", 3, "--output_dir", out])
@@ -177,11 +200,13 @@ def test_one_nonfinite_step_is_skipped_and_counted_on_request(tmp_path):
     assert result.returncode == 1 and "are not finite at step 3" in result.stderr, result.stderr[-2000:]
 
 
-def test_two_process_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_two_process_resume_is_exact(tmp_path, streaming):
     from test_e2e import ACCELERATE
     import shutil
 
-    args = QUICK + ["--max_train_steps", 12, "--checkpointing_steps", 6]
+    args = QUICK + ["--max_train_steps", 12, "--checkpointing_steps", 6] + (
+        ["--streaming", "--max_train_samples", 200] if streaming else [])
     straight = tmp_path / "straight"
     check_ok(run_train(args + ["--output_dir", straight], launcher=ACCELERATE, timeout=300))
     resumed = tmp_path / "resumed"

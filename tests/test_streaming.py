@@ -199,6 +199,7 @@ def mixed_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("mixed")
     plant_bad_images(write_mixed_folder(root / "train"))
     write_mixed_folder(root / "val", per_class=6, seed=1)
+    (root / "val" / "frog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not an image" * 10)
     return root
 
 
@@ -223,12 +224,13 @@ def test_bad_images_are_skipped_counted_and_reported(tmp_path, mixed_folders, ex
     assert train_rows[-1]["skipped_images"] >= 2
     assert all(np.isfinite(r["loss"]) for r in train_rows)
     results = json.loads((out / "eval_results.json").read_text())
-    assert results["skipped_train_images"] == train_rows[-1]["skipped_images"] and results["num_eval"] == 18
+    assert results["skipped_train_images"] == train_rows[-1]["skipped_images"]
+    assert results["num_eval"] == 18 and results["skipped_images"] == 1  # the broken eval image is left out
     assert "unreadable image" in result.stdout
 
 
 def test_too_many_bad_images_stop_with_a_named_file(tmp_path, mixed_folders):
-    # Decoding the whole split up front (the in-memory cache) finds 2 bad of 146 read: over the default 1%.
+    # Decoding both splits up front (the in-memory cache) finds 3 bad of 147 read: over the default 1%.
     result = run_train(["--train_dir", mixed_folders / "train", "--validation_dir", mixed_folders / "val",
                         "--output_dir", tmp_path / "run", "--augment_device", "accelerator", "--cache_decoded",
                         "--dataloader_num_workers", "0", *MIXED])
