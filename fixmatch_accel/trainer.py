@@ -274,9 +274,13 @@ def _make_accelerator(cfg: TrainConfig):
     # A multi-process launch on a machine without GPUs must use gloo on the CPU;
     # otherwise every process would train alone, believing it is the only one.
     cpu = world_size > 1 and not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_XLA") is None
+    mixed_precision = cfg.mixed_precision
+    if mixed_precision is None and "1" in (os.environ.get("XLA_USE_BF16"), os.environ.get("XLA_DOWNCAST_BF16")):
+        # accelerate's TPU launcher hands a config's bf16 on only as these variables, which torch_xla 2.6+ ignores.
+        mixed_precision = "bf16"
     accelerator = Accelerator(
         cpu=cpu,
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=mixed_precision,
         log_with=_trackers(cfg.report_to),
         project_dir=cfg.output_dir,
         # The schedule counts optimizer steps, whatever the number of processes.
@@ -748,6 +752,8 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
     # model.safetensors, main process only. accelerate's safetensors path reads host pointers: on XLA the
     # (finished) EMA model moves to the host first.
     accelerator.save_model(ema.module.cpu() if is_xla(device) else ema.module, cfg.output_dir)
+    if xla_metrics is not None:  # the whole run's counts: the last evaluation and checkpoint included
+        xla_metrics.write(state.step, since_step=start_step, end=True)
     if is_main:
         _write_json(os.path.join(cfg.output_dir, "eval_results.json"),
                     dict(result, step=state.step, eval_split=data.eval_split,

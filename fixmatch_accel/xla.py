@@ -112,10 +112,15 @@ def counts() -> Dict:
 
 
 class XlaMetricsLog:
-    """output_dir/xla_metrics.json: a list of rows {step, compiles, executions, transfers_to_host, fallbacks}.
+    """output_dir/xla_metrics.json: a list of rows {step, compiles, executions, transfers_to_host, fallbacks, ...}.
 
-    Written whole (temp file + rename) by the main process at each logging step; a
-    resumed run keeps the rows up to its checkpoint's step and appends after them.
+    Counts are totals of this process since it started (at step `since_step`). Written
+    whole (temp file + rename) by the main process at each logging step and once more at
+    the end (`end: true`); a resumed run keeps the rows up to its checkpoint's step.
+    On a healthy run `compiles` stops growing after the first steps and the first
+    evaluation and checkpoint, `transfers_to_host` grows by one a logging step, and the
+    only `aten::` counter is `_local_scalar_dense` (values read on the host by
+    accelerate's rendezvous and the checkpoint's finite check, outside the step).
     """
 
     def __init__(self, path: str, resume_step: Optional[int] = None):
