@@ -1,0 +1,27 @@
+"""The accelerate launch configs in launch_configs/ load with accelerate's own config classes."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+
+from conftest import ROOT
+
+CONFIGS = sorted((ROOT / "launch_configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_loads_with_accelerate(path: Path):
+    config = load_config_from_file(str(path))  # unknown keys or values raise
+    assert isinstance(config, ClusterConfig) and config.num_processes >= 1
+
+
+def test_tpu_config_names_a_function_train_py_has():
+    config = load_config_from_file(str(ROOT / "launch_configs" / "tpu.yaml"))
+    assert config.distributed_type == "XLA" and config.mixed_precision == "bf16"
+    # accelerate's TPU launcher imports train.py as a module and calls this function in each process.
+    spec = importlib.util.spec_from_file_location("train_as_module", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert callable(getattr(module, config.main_training_function))
