@@ -469,6 +469,9 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
         # A resumed run trains on the labels it started with, whatever --seed or --num_labeled say now.
         cfg = dataclasses.replace(cfg, labeled_split_file=saved_split)
     accelerator = _make_accelerator(cfg)
+    if cfg.compile and is_xla(accelerator.device):
+        raise UsageError("--compile (torch.compile) is not for XLA devices: there every training step is already "
+                         "traced and compiled as one graph; leave it out")
     is_main = accelerator.is_main_process
     bar_on = is_main and sys.stderr.isatty()  # progress bars on a terminal; plain lines in logs
     set_seed(cfg.seed)

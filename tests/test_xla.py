@@ -134,3 +134,9 @@ def test_streaming_and_a_launchers_bf16_on_xla(tmp_path):
     # The first evaluation (step 6) compiles its graphs once; the second (12) and the steps between none.
     assert rows[9]["compiles"] == rows[12]["compiles"] == end[0]["compiles"]
     assert rows[3]["compiles"] == rows[6]["compiles"]
+
+
+def test_compile_flag_is_one_clear_line_on_xla(tmp_path):
+    result = run_train(TINY_DIGITS + ["--compile", "--output_dir", tmp_path / "c"], env=XLA)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("fixmatch-train: error: --compile (torch.compile) is not")
