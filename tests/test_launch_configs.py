@@ -1,6 +1,7 @@
 """The accelerate launch configs in launch_configs/ load with accelerate's own config classes."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,14 @@ def test_tpu_config_names_a_function_train_py_has():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert callable(getattr(module, config.main_training_function))
+
+
+def test_train_py_main_raises_the_failure_status(monkeypatch, capsys):
+    """accelerate's TPU launcher calls train.py's main() and ignores its return value."""
+    spec = importlib.util.spec_from_file_location("train_entry", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["train.py", "--mu", "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 2 and "--mu must be at least 1" in capsys.readouterr().err
