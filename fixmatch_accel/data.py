@@ -168,8 +168,10 @@ def load_data(cfg, show_progress: bool = False) -> SplitData:
     if streaming:
         from .streaming import label_pass
 
-        train_values, shard_sizes = label_pass(train, label_col, cfg.max_train_samples, show_progress)
-        eval_values, _ = label_pass(evaluation, label_col)
+        labels_only = _label_streams(cfg, label_col, {cfg.train_split: train, eval_split: evaluation})
+        train_values, shard_sizes = label_pass(labels_only.get(cfg.train_split, train), label_col,
+                                               cfg.max_train_samples, show_progress)
+        eval_values, _ = label_pass(labels_only.get(eval_split, evaluation), label_col, cfg.max_eval_samples)
         if plain:
             label_map, class_names = _class_index(train_values, eval_values)
             train_values, eval_values = [label_map[v] for v in train_values], [label_map[v] for v in eval_values]
@@ -195,6 +197,26 @@ def load_data(cfg, show_progress: bool = False) -> SplitData:
                              f"0..{len(class_names) - 1}")
     return SplitData(train, evaluation, image_col, label_col, class_names, eval_split, train_labels, eval_labels,
                      shard_sizes, label_map)
+
+
+def _label_streams(cfg, label_col: str, streams: Dict) -> Dict:
+    """The same splits read with only the label column, where the builder can skip the others on disk.
+
+    Parquet (the hub's format) takes `columns=`, so the label pass does not read the image
+    bytes of a large split. Other builders refuse the argument: then {} (the label pass
+    selects the column from whole rows). A split is used only if it has the same shards.
+    """
+    from datasets import load_dataset
+
+    if cfg.train_dir is not None or cfg.dataset_name == "digits":
+        return {}
+    try:
+        raw = load_dataset(os.path.expanduser(cfg.dataset_name), cfg.dataset_config_name, streaming=True,
+                           columns=[label_col])
+    except Exception:  # the builder takes no `columns`: read whole rows
+        return {}
+    return {name: raw[name] for name, stream in streams.items()
+            if name in raw and raw[name].n_shards == stream.n_shards and list(raw[name].features) == [label_col]}
 
 
 def _class_index(*splits):

@@ -281,3 +281,16 @@ def test_image_folder_with_one_class(tmp_path, streaming):
     with pytest.raises(UsageError, match="--train_dir .*has 1 class\\(es\\) \\(cat\\); FixMatch needs at least 2"):
         load_data(TrainConfig(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "val"),
                               streaming=streaming))
+
+
+def test_the_label_pass_of_a_parquet_stream_reads_only_the_label_column(parquet_dir, tmp_path):
+    from fixmatch_accel.data import _label_streams
+
+    cfg = TrainConfig(dataset_name=str(parquet_dir), streaming=True)
+    data = load_data(cfg)
+    only = _label_streams(cfg, "label", {"train": data.train, "test": data.eval})
+    assert set(only) == {"train", "test"} and list(only["train"].features) == ["label"]
+    assert [row["label"] for row in only["train"]] == data.train_labels.tolist()
+    # An image folder's builder takes no column list: the pass falls back to whole rows.
+    folder = write_image_folder(tmp_path / "train")
+    assert _label_streams(TrainConfig(train_dir=str(folder)), "label", {}) == {}
