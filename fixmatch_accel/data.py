@@ -348,6 +348,12 @@ class BadImage(Exception):
     """An image that cannot be decoded (corrupt, truncated, not an image)."""
 
 
+def _open_image(value) -> PILImage.Image:
+    """Open (lazily: header only) a datasets Image value stored undecoded: its bytes, else its file."""
+    data = value.get("bytes") if isinstance(value, dict) else None
+    return PILImage.open(io.BytesIO(data) if data is not None else value["path"])
+
+
 def decode_image(value) -> PILImage.Image:
     """A datasets Image value stored undecoded ({'bytes', 'path'}), or a PIL image, -> a loaded PIL image.
 
@@ -357,9 +363,7 @@ def decode_image(value) -> PILImage.Image:
     if isinstance(value, PILImage.Image):
         return value
     try:
-        data = value.get("bytes") if isinstance(value, dict) else None
-        source = io.BytesIO(data) if data is not None else value["path"]
-        image = PILImage.open(source)
+        image = _open_image(value)
         image.load()  # decode now: a truncated file fails here, not later in a worker's transform
         return image
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
@@ -377,8 +381,7 @@ def image_sizes(dataset, image_column: str, rows: Sequence[int]) -> set:
     sizes = set()
     for value in dataset.select(rows)[image_column]:
         try:
-            data = value.get("bytes") if isinstance(value, dict) else None
-            with PILImage.open(io.BytesIO(data) if data is not None else value["path"]) as image:
+            with _open_image(value) as image:
                 sizes.add(image.size)
         except Exception:  # a bad file is reported where it is decoded
             pass
@@ -476,19 +479,24 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         row = self.dataset[self.indices[i]]
-        with self.seeds(i) if self.seeds is not None else nullcontext():
-            return sample(row[self.image_column], row[self.label_column], self.ids[i], self.size, self.views)
+        return sample(row[self.image_column], row[self.label_column], self.ids[i], self.size, self.views,
+                      self.seeds, draw=i)
 
 
 
-def sample(value, label: int, row: int, size: int, views: Sequence[Callable]):
-    """(*uint8 views, label, row) of one stored image, or a black filler with row -(row + 1) if it is bad."""
+def sample(value, label: int, row: int, size: int, views: Sequence[Callable],
+           seeds: Optional[SampleSeeds] = None, draw: int = 0):
+    """(*uint8 views, label, row) of one stored image, or a black filler with row -(row + 1) if it is bad.
+
+    With `seeds`, the views' random draws come from seeds(draw) (`draw` unique within a pass).
+    """
     try:
         image = to_rgb(decode_image(value), size)
     except BadImage:
         filler = torch.zeros(3, size, size, dtype=torch.uint8)
         return (*(filler for _ in views), label, -(row + 1))
-    return (*(pil_to_tensor(view(image)) for view in views), label, row)
+    with seeds(draw) if seeds is not None else nullcontext():
+        return (*(pil_to_tensor(view(image)) for view in views), label, row)
 
 
 def collate_fillers(samples):

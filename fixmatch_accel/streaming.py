@@ -9,7 +9,6 @@ every pass (`set_epoch`), and every example carries its position in the split,
 the same index the map-style path uses.
 """
 
-from contextlib import nullcontext
 from itertools import islice
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -165,9 +164,7 @@ class StreamImages(torch.utils.data.IterableDataset):
             if self.label_map is not None:
                 label = self.label_map[label]
             position = row.get(POSITION, i)  # unique within a pass: the augmentation's seed
-            with self.seeds(position) if self.seeds is not None else nullcontext():
-                item = sample(row[self.image_column], label, position, self.size, self.views)
-            yield item
+            yield sample(row[self.image_column], label, position, self.size, self.views, self.seeds, draw=position)
 
 
 class StreamLoader:
