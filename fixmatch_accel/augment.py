@@ -416,7 +416,9 @@ def normalize_batch(images: Tensor, mean: Sequence[float] | Tensor,
     c, dev = images.shape[1], images.device
     mean_t = _per_channel(mean, c, dev, torch.float32)
     std_t = _per_channel(std, c, dev, torch.float32)
-    return (images.float() / 255.0 - mean_t) / std_t
+    # one multiply-add on the converted copy, in place: a third of the memory passes of
+    # (x / 255 - mean) / std, within float32 rounding of it
+    return images.float().mul_(1.0 / (255.0 * std_t)).add_(-mean_t / std_t)
 
 
 # --------------------------------------------------------------------------------------
@@ -493,10 +495,9 @@ def _smooth(xf: Tensor) -> Tensor:
     ss = 0.5 + row(xf[..., 2:, :], k)
     ss = ss + row(xf[..., 1:-1, :], k5)
     ss = ss + row(xf[..., :-2, :], k)
-    inner = F.pad(ss.clamp(0, 255).floor(), (1, 1, 1, 1))
-    border = torch.ones(h, w, dtype=torch.bool, device=xf.device)
-    border[1:-1, 1:-1] = False
-    return torch.where(border, xf, inner)
+    out = xf.clone()  # the border keeps its pixels
+    out[..., 1:-1, 1:-1] = ss.clamp(0, 255).floor()
+    return out
 
 
 def _affine_coeffs(name: str, arg: Tensor, h: int, w: int) -> Tensor:
@@ -529,33 +530,41 @@ def _fix16(v: Tensor) -> Tensor:
     return whole.long() * 65536 + ((v - whole) * 65536.0 + 0.5).floor().long()
 
 
-# Affine ops that move points along one axis only (the other coordinate stays on the pixel grid).
-_ONE_AXIS = {"ShearX": "x", "TranslateXRel": "x", "TranslateX": "x", "ShearY": "y", "TranslateYRel": "y", "TranslateY": "y"}
+# How an affine op moves points: "x" keeps every point's row and "y" its column (the other
+# coordinate is 0 * x + 1 * y + 0, exact in PIL's double arithmetic); "tx" / "ty" also move
+# every row (column) alike, so the moving coordinate depends on the column (row) alone.
+_MOTION = {"ShearX": "x", "ShearY": "y", "TranslateXRel": "tx", "TranslateX": "tx",
+           "TranslateYRel": "ty", "TranslateY": "ty", "Rotate": "xy"}
 
 
-def _affine_sample(x: Tensor, coeffs: Tensor, fill: Tensor, resample: str, axis: str = "xy") -> Tensor:
+def _select(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """torch.where(mask, a, b) for uint8 tensors.
+
+    Eager CPU kernels of torch.where run about ten times slower than elementwise
+    arithmetic, so there the choice is made with bit masks: b ^ ((a ^ b) & 0xFF or 0x00).
+    """
+    if a.device.type != "cpu" or torch.compiler.is_compiling():
+        return torch.where(mask, a, b)
+    return b ^ ((a ^ b) & -mask.view(torch.uint8))
+
+
+def _affine_sample(x: Tensor, coeffs: Tensor, fill: Tensor, resample: str, motion: str = "xy") -> Tensor:
     """PIL Image.transform(AFFINE) for a batch: uint8 [N, C, H, W] -> same.
 
     PIL maps output pixel centre (x + .5, y + .5) to an input point; a point outside
     [0, W) x [0, H) gets the fill. Bilinear reads pixel centres with edge clamping and
     truncates to uint8; nearest takes the pixel containing the point (in PIL's fixed point).
-    `axis` "x" (or "y") says every point keeps its row (column) exactly, as for shears and
-    translations along one axis: the other axis' interpolation weight is 0, so two taps give
-    the same result as four.
+    `motion` (see _MOTION) lets one-axis ops skip the coordinate that stays on the pixel
+    grid and read two taps instead of four (the other weight is 0): the same result.
     """
     n, c, h, w = x.shape
     dev = x.device
-    dtype = coeffs.dtype  # float64 where available: PIL's coordinates and weights are double
-    gx = torch.arange(w, device=dev, dtype=dtype).view(1, 1, w) + 0.5
-    gy = torch.arange(h, device=dev, dtype=dtype).view(1, h, 1) + 0.5
-    a, b, cc, d, e, f = (t.view(n, 1, 1) for t in coeffs.unbind(1))
-    sx = a * gx + b * gy + cc  # [N, H, W]
-    sy = d * gx + e * gy + f
-    inside = ((sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)).unsqueeze(1)
     flat = x.reshape(n, c, h * w)
+    ix = torch.arange(w, device=dev).view(1, 1, w)
+    iy = torch.arange(h, device=dev).view(1, h, 1)
 
-    def take(iy: Tensor, ix: Tensor) -> Tensor:
-        index = (iy.clamp(0, h - 1) * w + ix.clamp(0, w - 1)).reshape(n, 1, h * w)
+    def take(row: Tensor, col: Tensor) -> Tensor:
+        index = (row.clamp(0, h - 1) * w + col.clamp(0, w - 1)).expand(n, h, w).reshape(n, 1, h * w)
         return flat.gather(2, index.expand(n, c, h * w)).reshape(n, c, h, w)
 
     if resample == "nearest":
@@ -565,32 +574,77 @@ def _affine_sample(x: Tensor, coeffs: Tensor, fill: Tensor, resample: str, axis:
         a5 = coeffs[:, 5] + coeffs[:, 3] * 0.5 + coeffs[:, 4] * 0.5
         fa, fb, fc, fd, fe, ff = (_fix16(t).view(n, 1, 1) for t in (
             coeffs[:, 0], coeffs[:, 1], a2, coeffs[:, 3], coeffs[:, 4], a5))
-        ix = torch.arange(w, device=dev).view(1, 1, w)
-        iy = torch.arange(h, device=dev).view(1, h, 1)
-        sx_fixed = fc + ix * fa + iy * fb
-        sy_fixed = ff + ix * fd + iy * fe
-        col = sx_fixed.div(65536, rounding_mode="floor")
-        row = sy_fixed.div(65536, rounding_mode="floor")
-        inside = ((col >= 0) & (col < w) & (row >= 0) & (row < h)).unsqueeze(1)
-        out = take(row, col)
+        col = (fc + ix * fa + iy * fb).div(65536, rounding_mode="floor")
+        row = (ff + ix * fd + iy * fe).div(65536, rounding_mode="floor")
+        inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+        return _select(inside.unsqueeze(1), take(row, col), fill)
+
+    dtype = coeffs.dtype  # float64 where available: PIL's coordinates and weights are double
+    gx = ix.to(dtype) + 0.5
+    gy = iy.to(dtype) + 0.5
+    a, b, cc, d, e, f = (t.view(n, 1, 1) for t in coeffs.unbind(1))
+
+    def split(s: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
+        """PIL's bilinear head: inside test, then floor and weight of (s - 0.5)."""
+        inside = (s >= 0) & (s < size)
+        s = s - 0.5
+        s0 = s.floor()
+        return inside, s0.long(), (s - s0).unsqueeze(1)
+
+    inside, x0, y0 = None, ix, iy
+    if motion in ("x", "tx", "xy"):
+        # a translation's b is 0, and a * gx + 0 * gy is a * gx exactly
+        inside, x0, dx = split(a * gx + cc if motion == "tx" else a * gx + b * gy + cc, w)
+    if motion in ("y", "ty", "xy"):
+        inside_y, y0, dy = split(e * gy + f if motion == "ty" else d * gx + e * gy + f, h)
+        inside = inside_y if inside is None else inside & inside_y
+
+    def lerp(v0: Tensor, v1: Tensor, weight: Tensor) -> Tensor:
+        """PIL's v0 + (v1 - v0) * weight in double, the difference taken exactly in int16."""
+        return (v1.to(torch.int16) - v0.to(torch.int16)).to(dtype).mul_(weight).add_(v0)
+
+    v00 = take(y0, x0)
+    if motion in ("x", "tx"):
+        out = lerp(v00, take(y0, x0 + 1), dx)
+    elif motion in ("y", "ty"):
+        out = lerp(v00, take(y0 + 1, x0), dy)
     else:
-        sx, sy = sx - 0.5, sy - 0.5
-        x0, y0 = sx.floor(), sy.floor()
-        dx, dy = (sx - x0).unsqueeze(1), (sy - y0).unsqueeze(1)
-        x0, y0 = x0.long(), y0.long()
-        v00 = take(y0, x0).to(dtype)
-        if axis == "x":
-            out = v00 + (take(y0, x0 + 1).to(dtype) - v00) * dx
-        elif axis == "y":
-            out = v00 + (take(y0 + 1, x0).to(dtype) - v00) * dy
-        else:
-            v01 = take(y0, x0 + 1).to(dtype)
-            v10, v11 = take(y0 + 1, x0).to(dtype), take(y0 + 1, x0 + 1).to(dtype)
-            top = v00 + (v01 - v00) * dx
-            bottom = v10 + (v11 - v10) * dx
-            out = top + (bottom - top) * dy
-        out = out.clamp(0, 255).floor().to(torch.uint8)
-    return torch.where(inside, out, fill)
+        top = lerp(v00, take(y0, x0 + 1), dx)
+        bottom = lerp(take(y0 + 1, x0), take(y0 + 1, x0 + 1), dx)
+        out = (bottom - top).mul_(dy).add_(top)
+    # a convex mix of pixels, so within [0, 255]: the cast truncates, as PIL does
+    return _select(inside.unsqueeze(1), out.to(torch.uint8), fill)
+
+
+def _lut(name: str, x: Tensor, arg: Tensor | None) -> Tensor:
+    """Per-sample lookup table of a point op: int64 [N, 1 or C, 256]."""
+    if name == "AutoContrast":
+        return _lut_autocontrast(x)
+    if name == "Equalize":
+        return _lut_equalize(x)
+    if name == "Invert":
+        return (255 - torch.arange(256, device=x.device)).expand(x.shape[0], 1, 256)
+    return _lut_from_arg(name, arg, x.device)
+
+
+def _degenerate(name: str, x: Tensor, xf: Tensor) -> Tensor:
+    """The image PIL's ImageEnhance op blends with: float32, broadcastable to [N, C, H, W]."""
+    n, c, h, w = x.shape
+    if name == "Color":  # the grayscale image (identity on C=1)
+        return _gray(x).float()
+    if name == "Contrast":  # the rounded mean of the grayscale image
+        total = _gray(x).flatten(1).to(torch.int64).sum(1)
+        mean = (2 * total + h * w).div(2 * h * w, rounding_mode="floor")
+        return mean.float().view(n, 1, 1, 1)
+    if name == "Brightness":  # black
+        return torch.zeros(n, 1, 1, 1, device=x.device)
+    return _smooth(xf)  # Sharpness: the smoothed image
+
+
+def _blend(xf: Tensor, degenerate: Tensor, factor: Tensor) -> Tensor:
+    """PIL Image.blend: deg + f * (img - deg) in C float, clipped, truncated to uint8."""
+    blended = degenerate + factor.float().view(-1, 1, 1, 1) * (xf - degenerate)
+    return blended.clamp(0, 255).to(torch.uint8)
 
 
 def _apply_layer(x: Tensor, op: Tensor, applied: Tensor, names: Sequence[str],
@@ -604,35 +658,15 @@ def _apply_layer(x: Tensor, op: Tensor, applied: Tensor, names: Sequence[str],
     dev = x.device
     kind = torch.zeros(n, dtype=torch.int64, device=dev)
     lut = degenerate = factor = coeffs = None
-    cache: dict[str, Tensor] = {}
-    xf = x.float()
+    xf = x.float() if any(name in _BLEND_OPS for name in names) else None
     for k, (name, arg) in enumerate(zip(names, args)):
         sel = op == k
         if name in _LUT_OPS:
-            if name == "AutoContrast":
-                lut_k = _lut_autocontrast(x)
-            elif name == "Equalize":
-                lut_k = _lut_equalize(x)
-            elif name == "Invert":
-                lut_k = (255 - torch.arange(256, device=dev)).expand(n, 1, 256)
-            else:
-                lut_k = _lut_from_arg(name, arg, dev)
-            lut_k = lut_k.expand(n, c, 256)
+            lut_k = _lut(name, x, arg).expand(n, c, 256)
             lut = lut_k if lut is None else torch.where(sel.view(n, 1, 1), lut_k, lut)
             kind = torch.where(sel, _LUT, kind)
         elif name in _BLEND_OPS:
-            if name == "Color":  # blend with the grayscale image (identity on C=1)
-                deg = _gray(x).float().expand(n, c, h, w)
-            elif name == "Contrast":  # blend with the rounded mean of the grayscale image
-                total = _gray(x).flatten(1).to(torch.int64).sum(1)
-                mean = (2 * total + h * w).div(2 * h * w, rounding_mode="floor")
-                deg = mean.float().view(n, 1, 1, 1).expand(n, c, h, w)
-            elif name == "Brightness":  # blend with black
-                deg = torch.zeros_like(xf)
-            else:  # Sharpness: blend with the smoothed image
-                if "smooth" not in cache:
-                    cache["smooth"] = _smooth(xf)
-                deg = cache["smooth"]
+            deg = _degenerate(name, x, xf).expand(n, c, h, w)
             if degenerate is None:
                 degenerate, factor = deg, arg
             else:
@@ -652,36 +686,68 @@ def _apply_layer(x: Tensor, op: Tensor, applied: Tensor, names: Sequence[str],
         mapped = lut.to(torch.uint8).gather(2, x.reshape(n, c, h * w).long()).reshape(n, c, h, w)
         out = torch.where(kind == _LUT, mapped, out)
     if degenerate is not None:
-        # PIL Image.blend: deg + f * (img - deg) in C float, clipped, truncated
-        blended = degenerate + factor.float().view(n, 1, 1, 1) * (xf - degenerate)
-        out = torch.where(kind == _BLEND, blended.clamp(0, 255).floor().to(torch.uint8), out)
+        out = torch.where(kind == _BLEND, _blend(xf, degenerate, factor), out)
     if coeffs is not None:
         affine = {name for name in names if name in _AFFINE_OPS}
-        axis = _ONE_AXIS.get(affine.pop(), "xy") if len(affine) == 1 else "xy"
-        out = torch.where(kind == _AFFINE, _affine_sample(x, coeffs, fill, resample, axis), out)
+        motion = _MOTION.get(affine.pop(), "xy") if len(affine) == 1 else "xy"
+        out = torch.where(kind == _AFFINE, _affine_sample(x, coeffs, fill, resample, motion), out)
     return out
+
+
+def _apply_one(x: Tensor, name: str, arg: Tensor | None, fill: Tensor, resample: str) -> Tensor:
+    """Op `name` on every sample of x, for eager CPU: _apply_layer's arithmetic without its selection.
+
+    The four argument-only point ops run as integer elementwise ops instead of table
+    lookups (same values: the tables are these formulas over 0..255).
+    """
+    n, c, h, w = x.shape
+    if name == "Identity":
+        return x
+    if name == "Invert":
+        return 255 - x
+    if name == "Posterize":  # i - i % 2**(8 - bits) keeps the high bits: a mask
+        step = torch.pow(2.0, (8 - arg).clamp(0, 8)).to(torch.int64)
+        return x & (256 - step).to(torch.uint8).view(n, 1, 1, 1)
+    if name == "Solarize":  # the threshold is a whole number in 0..256
+        return _select(x < arg.to(torch.int16).view(n, 1, 1, 1), x, 255 - x)
+    if name == "SolarizeAdd":  # the addend is a whole number in 0..128
+        added = (x.to(torch.int16) + arg.to(torch.int16).view(n, 1, 1, 1)).clamp_(max=255)
+        return _select(x < 128, added.to(torch.uint8), x)
+    if name in _LUT_OPS:
+        lut = _lut(name, x, arg).to(torch.uint8).expand(n, c, 256)
+        return lut.gather(2, x.reshape(n, c, h * w).long()).reshape(n, c, h, w)
+    if name in _BLEND_OPS:
+        xf = x.float()
+        return _blend(xf, _degenerate(name, x, xf), arg)
+    if name in _AFFINE_OPS:
+        return _affine_sample(x, _affine_coeffs(name, arg, h, w), fill, resample, _MOTION[name])
+    raise ValueError(f"unknown op {name!r}")
 
 
 def _apply_layer_grouped(x: Tensor, op: Tensor, applied: Tensor, names: Sequence[str],
-                         args: Sequence[Tensor | None], fill: Tensor, resample: str) -> Tensor:
+                         level_to_arg: Callable, magnitude: Tensor, sign: Tensor, fill: Tensor,
+                         resample: str) -> Tensor:
     """_apply_layer computing each sample's op for that sample only (eager CPU).
 
-    The same op functions on each op's subset of the batch, so the result is identical;
-    about 1/len(names) of the work, at the price of data-dependent shapes and a host
-    read of the op counts, which cost nothing on a CPU but would break a compiled graph.
+    The batch is sorted by op, each op runs on its own run of samples with arguments
+    computed for those samples, and the results go back in place: the same arithmetic
+    as _apply_layer, about 1/len(names) of its work, at the price of data-dependent
+    shapes and a host read of the op counts, which cost nothing on a CPU but would
+    break a compiled graph.
     """
-    out = x.clone()
     chosen = torch.where(applied, op, -1)
-    for k, (name, arg) in enumerate(zip(names, args)):
-        idx = torch.nonzero(chosen == k).flatten()
-        if name == "Identity" or idx.numel() == 0:
-            continue
-        sub = x.index_select(0, idx)
-        sub_arg = None if arg is None else arg.index_select(0, idx)
-        keep = torch.zeros(len(idx), dtype=torch.int64, device=x.device)
-        everyone = torch.ones(len(idx), dtype=torch.bool, device=x.device)
-        out.index_copy_(0, idx, _apply_layer(sub, keep, everyone, (name,), (sub_arg,), fill, resample))
-    return out
+    order = torch.argsort(chosen, stable=True)
+    counts = torch.bincount(chosen + 1, minlength=len(names) + 1).tolist()
+    xs = x.index_select(0, order)
+    ms, signs = magnitude.index_select(0, order), sign.index_select(0, order)
+    pieces = [xs[:counts[0]]]  # not applied
+    start = counts[0]
+    for name, count in zip(names, counts[1:]):
+        if count:
+            base, arg = level_to_arg(name, ms[start:start + count], signs[start:start + count])
+            pieces.append(_apply_one(xs[start:start + count], base, arg, fill, resample))
+            start += count
+    return torch.empty_like(x).index_copy_(0, order, torch.cat(pieces))
 
 
 def _grouped(images: Tensor) -> bool:
@@ -832,17 +898,22 @@ def apply_rand_augment(images: Tensor, params: RandAugmentParams,
     n, c, h, w = images.shape
     fill_t = _fill_tensor(fill, c, images.device)
     x = images
+    if spec.paper:
+        def level_to_arg(name, m, sign):
+            return _paper_level_to_arg(name, m, sign, h, w)
+    else:
+        level_to_arg = _timm_level_to_arg
     for layer in range(spec.num_layers):
         dtype = _precise_dtype(images.device)
         m, sign = params.magnitude[:, layer].to(dtype), params.sign[:, layer].to(dtype)
-        if spec.paper:
-            bases_args = [_paper_level_to_arg(name, m, sign, h, w) for name in spec.ops]
+        resample = "nearest" if spec.paper else "bilinear"
+        if _grouped(images):
+            x = _apply_layer_grouped(x, params.op[:, layer], params.applied[:, layer], spec.ops,
+                                     level_to_arg, m, sign, fill_t, resample)
         else:
-            bases_args = [_timm_level_to_arg(name, m, sign) for name in spec.ops]
-        names, args = zip(*bases_args)
-        apply_layer = _apply_layer_grouped if _grouped(images) else _apply_layer
-        x = apply_layer(x, params.op[:, layer], params.applied[:, layer], names, args, fill_t,
-                        "nearest" if spec.paper else "bilinear")
+            names, args = zip(*(level_to_arg(name, m, sign) for name in spec.ops))
+            x = _apply_layer(x, params.op[:, layer], params.applied[:, layer], names, args, fill_t,
+                             resample)
     if spec.paper:
         x = _cutout(x, params.cutout_center, fill_t)
     return x
