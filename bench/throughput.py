@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -220,19 +221,20 @@ def augment_project(images, device, batch, repeats):
 
 
 def augment_per_core(images, samples, rounds):
-    """Best-of-`rounds` samples/s of both pipelines on one core, measured in alternation.
+    """Median samples/s of both pipelines on one core and the median of their per-round ratios.
 
-    On a shared machine other jobs slow some rounds down; alternating the two and
-    keeping each one's fastest round compares them at the same quiet moments.
+    On a shared machine other jobs slow some moments down; alternating the two in short
+    rounds and taking each round's ratio compares them at the same moments.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     ref, proj = [], []
     for _ in range(rounds):
-        ref.append(augment_reference_per_core(images, samples))
-        proj.append(augment_project(images, torch.device("cpu"), samples, 3))
+        ref.append(augment_reference_per_core(images, samples // 2))
+        proj.append(augment_project(images, torch.device("cpu"), samples, 2))
     torch.set_num_threads(threads)
-    return max(ref), max(proj), [p / r for r, p in zip(ref, proj)]
+    ratios = [p / r for r, p in zip(ref, proj)]
+    return statistics.median(ref), statistics.median(proj), statistics.median(ratios), ratios
 
 
 def model_flops_per_step(args, device):
@@ -256,8 +258,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="reference DataLoader workers")
     parser.add_argument("--augment_samples", type=int, default=448, help="samples for the augmentation-only timing")
-    parser.add_argument("--augment_rounds", type=int, default=5,
-                        help="alternating rounds of the augmentation timing; the best round of each counts")
+    parser.add_argument("--augment_rounds", type=int, default=9,
+                        help="alternating rounds of the augmentation timing (medians are reported)")
     parser.add_argument("--compile", action="store_true", help="also measure the project's step with torch.compile")
     parser.add_argument("--compile_modes", default="default", help="comma-separated torch.compile modes to measure")
     parser.add_argument("--ablate", action="store_true",
@@ -269,14 +271,14 @@ def main():
     images, labels = load_images(max(4096, args.batch_size * args.mu * 4))
     source = "CIFAR-10" if CIFAR.exists() else "random pixels"
 
-    ref_aug, cpu_aug, round_ratios = augment_per_core(images, args.augment_samples, args.augment_rounds)
+    ref_aug, cpu_aug, speedup, round_ratios = augment_per_core(images, args.augment_samples, args.augment_rounds)
     result = dict(device=str(device), torch=torch.__version__, images=source, model=args.model,
                   batch_size=args.batch_size, mu=args.mu, compile=args.compile,
                   augment_reference_per_core=ref_aug, augment_project_per_core_cpu=cpu_aug,
-                  augment_speedup_per_core=cpu_aug / ref_aug, augment_speedup_per_round=round_ratios)
-    print(f"augmentation, one CPU core ({source}, weak+strong {STRONG}, best of {args.augment_rounds} rounds): "
-          f"reference PIL/timm {ref_aug:,.0f} samples/s, project tensors {cpu_aug:,.0f} samples/s -> "
-          f"{cpu_aug / ref_aug:.2f}x (rounds: {', '.join(f'{r:.1f}x' for r in round_ratios)})", flush=True)
+                  augment_speedup_per_core=speedup, augment_speedup_per_round=round_ratios)
+    print(f"augmentation, one CPU core ({source}, weak+strong {STRONG}, medians of {args.augment_rounds} "
+          f"alternating rounds): reference PIL/timm {ref_aug:,.0f} samples/s, project tensors {cpu_aug:,.0f} "
+          f"samples/s -> {speedup:.2f}x (rounds: {', '.join(f'{r:.1f}x' for r in round_ratios)})", flush=True)
     if device.type == "cuda":
         gpu_aug = augment_project(images, device, args.augment_samples * 8, 20)
         result.update(augment_project_device=gpu_aug, augment_device_vs_reference_core=gpu_aug / ref_aug)
