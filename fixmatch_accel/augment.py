@@ -569,9 +569,8 @@ def _affine_sample(x: Tensor, coeffs: Tensor, fill: Tensor, resample: str, motio
     ix = torch.arange(w, device=dev).view(1, 1, w)
     iy = torch.arange(h, device=dev).view(1, h, 1)
 
-    def take(index: Tensor) -> Tensor:  # flat pixel index, broadcastable to [N, H, W]
-        index = index.expand(n, h, w).reshape(n, 1, h * w)
-        return flat.gather(2, index.expand(n, c, h * w)).reshape(n, c, h, w)
+    def take(index: Tensor) -> Tensor:  # flat pixel index [N, H, W]
+        return flat.gather(2, index.view(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
 
     if resample == "nearest":
         # PIL's nearest affine runs in 16.16 fixed point (Geometry.c affine_fixed);
@@ -583,7 +582,8 @@ def _affine_sample(x: Tensor, coeffs: Tensor, fill: Tensor, resample: str, motio
         col = (fc + ix * fa + iy * fb).div(65536, rounding_mode="floor")
         row = (ff + ix * fd + iy * fe).div(65536, rounding_mode="floor")
         inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
-        return _select(inside.unsqueeze(1), take(row.clamp(0, h - 1) * w + col.clamp(0, w - 1)), fill)
+        index = (row.clamp(0, h - 1) * w + col.clamp(0, w - 1)).expand(n, h, w).contiguous()
+        return _select(inside.unsqueeze(1), take(index), fill)
 
     dtype = coeffs.dtype  # float64 where available: PIL's coordinates and weights are double
     gx = ix.to(dtype) + 0.5
@@ -597,13 +597,17 @@ def _affine_sample(x: Tensor, coeffs: Tensor, fill: Tensor, resample: str, motio
         s0 = s.floor()
         return inside, s0.long(), (s - s0).unsqueeze(1)
 
+    # PIL's a * gx + b * gy + c, where one-axis ops have a = 1 and shears c = 0, and
+    # translations b = 0: the terms left out change no bit of the sum
     inside, x0, y0 = None, ix, iy
-    if motion in ("x", "tx", "xy"):
-        # a translation's b is 0, and a * gx + 0 * gy is a * gx exactly
-        inside, x0, dx = split(a * gx + cc if motion == "tx" else a * gx + b * gy + cc, w)
-    if motion in ("y", "ty", "xy"):
-        inside_y, y0, dy = split(e * gy + f if motion == "ty" else d * gx + e * gy + f, h)
-        inside = inside_y if inside is None else inside & inside_y
+    if motion == "xy":
+        inside, x0, dx = split(a * gx + b * gy + cc, w)
+        inside_y, y0, dy = split(d * gx + e * gy + f, h)
+        inside = inside & inside_y
+    elif motion in ("x", "tx"):
+        inside, x0, dx = split(gx + cc if motion == "tx" else gx + b * gy, w)
+    else:
+        inside, y0, dy = split(gy + f if motion == "ty" else d * gx + gy, h)
 
     def lerp(v0: Tensor, v1: Tensor, weight: Tensor) -> Tensor:
         """PIL's v0 + (v1 - v0) * weight in double, the difference taken exactly in int16."""
