@@ -407,8 +407,10 @@ def weak_batch(images: Tensor, *, hflip: bool = True, pad: int = 4,
     if hflip:
         flip = _rand((n, 1), generator, dev) < 0.5
         cols = torch.where(flip, w - 1 - cols, cols)
-    index = (rows[:, :, None] * w + cols[:, None, :]).reshape(n, 1, h * w).expand(n, c, h * w)
-    return images.reshape(n, c, h * w).gather(2, index).reshape(n, c, h, w)
+    # whole rows first (a row copy each), then columns (a per-sample index shared by all rows)
+    row_index = (torch.arange(n * c, device=dev).view(n, c, 1) * h + rows.view(n, 1, h)).reshape(n * c * h)
+    picked = images.reshape(n * c * h, w).index_select(0, row_index).view(n, c, h, w)
+    return picked.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
 
 
 @torch.no_grad()
