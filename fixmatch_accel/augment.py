@@ -19,6 +19,9 @@ batched tensor ops: point ops become per-sample lookup tables, colour ops PIL's
 map sampled with explicit index math. Each layer computes every op kind for the whole
 batch and selects per sample with ``torch.where``: shapes are static and nothing reads
 tensor values on the host, so the code runs under ``torch.compile(fullgraph=True)``.
+Eagerly on a CPU, where that redundant work is the whole cost, the batch is instead
+sorted by op and each op runs on its own samples only, with the same arithmetic (the
+same pixels; tested).
 Dynamo cannot trace a ``torch.Generator``: compile with ``generator=None``, or draw with
 ``sample_rand_augment_params(generator=g)`` eagerly and compile ``apply_rand_augment``.
 A generator on another device than the images draws there and the draws are copied.
