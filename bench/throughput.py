@@ -3,7 +3,7 @@
 The reference follows kekmodel/FixMatch-pytorch: PIL/timm augmentation per image in
 DataLoader workers, float32, float tensors over the host link, a Python loop EMA and
 `.item()` every step. The project's pipeline: decoded uint8 images, batched tensor
-augmentation on the training device, bf16 autocast and channels_last on CUDA, a fused
+augmentation on the training device, channels_last, bf16 autocast on CUDA, a fused
 (CUDA) or foreach SGD, a foreach EMA, statistics left on the device, optionally
 `torch.compile`. Both train the same model on the same batch shapes, measured in one
 run on one machine, so the ratios hold on a noisy shared machine.
@@ -143,7 +143,7 @@ def run_project(args, images, labels, device, steps, warmup, compile=None, bf16=
     targets = torch.from_numpy(labels).to(device)
     torch.manual_seed(0)
     model = create_model(args.model, 10).to(device).train()
-    channels_last = channels_last and (cuda or args.channels_last)  # the trainer's default, or --channels_last
+    channels_last = channels_last and device.type in ("cuda", "cpu")  # the trainer's default
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(param_groups(model, 5e-4), lr=0.03, momentum=0.9, nesterov=True,
@@ -264,8 +264,6 @@ def main():
                         help="alternating rounds of the augmentation timing (medians are reported)")
     parser.add_argument("--compile", action="store_true", help="also measure the project's step with torch.compile")
     parser.add_argument("--compile_modes", default="default", help="comma-separated torch.compile modes to measure")
-    parser.add_argument("--channels_last", action="store_true",
-                        help="the project's step in channels_last on a CPU too (the trainer's --channels_last)")
     parser.add_argument("--ablate", action="store_true",
                         help="also measure the eager step without bf16, without channels_last, without fused SGD")
     parser.add_argument("--peak_tflops", type=float, default=989.0, help="bf16 dense peak of the GPU (H100 SXM: 989)")

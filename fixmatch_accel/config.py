@@ -70,7 +70,7 @@ class TrainConfig:
     max_train_steps: int = _f(2**20, "Optimizer steps K; the cosine schedule lr*cos(7*pi*k/(16K)) spans them.")
     compile: bool = _f(False, "torch.compile the augmentation + forward + loss (one graph without host syncs).")
     compile_mode: str = _f("default", "torch.compile mode with --compile; 'reduce-overhead' (CUDA graphs) was fastest on one H100 (bench/RESULTS.md).", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
-    channels_last: Optional[bool] = _f(None, "channels_last memory layout for model and inputs; default: on for CUDA.")
+    channels_last: Optional[bool] = _f(None, "channels_last memory layout for model and inputs; default: on for CUDA and CPU (off on XLA and MPS).")
     mixed_precision: Optional[str] = _f(None, "no, fp16 or bf16; default: from `accelerate launch` / accelerate config.", choices=("no", "fp16", "bf16"))
 
     # Logging, evaluation, checkpoints

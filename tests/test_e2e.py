@@ -36,7 +36,7 @@ def test_tiny_digits_run_leaves_everything(tmp_path):
     assert per_class.count(",") == 9 and per_class.split(": ", 1)[1].startswith("0 ")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architecture"] == "small_cnn" and cfg["num_classes"] == 10 and cfg["world_size"] == 1
-    assert cfg["resolved"]["cache_decoded"] is True and cfg["resolved"]["channels_last"] is False
+    assert cfg["resolved"]["cache_decoded"] is True and cfg["resolved"]["channels_last"] is True
     assert cfg["settings"]["mu"] == 2 and cfg["setting_sources"]["mu"] == "flag"
     assert cfg["global_batch"] == {"labeled": 4, "unlabeled": 8}
     assert cfg["pretrained_cfg"]["input_size"] == [3, 8, 8] and len(cfg["pretrained_cfg"]["mean"]) == 3
