@@ -49,7 +49,6 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 from torch import Tensor
 
