@@ -473,13 +473,17 @@ def _lut_equalize(x: Tensor) -> Tensor:
     return torch.where(keep, i, lut.clamp(max=255))  # PIL's point() clips the LUT to 255
 
 
+def _posterize_step(bits: Tensor) -> Tensor:
+    """2**(8 - bits) clipped to 1..256: Posterize keeps the multiples of it below each value."""
+    return torch.pow(2.0, (8 - bits).clamp(0, 8)).to(torch.int64)
+
+
 def _lut_from_arg(name: str, arg: Tensor, device) -> Tensor:
     """LUT of a point op with a per-sample argument: int64 [N, 1, 256]."""
     i = torch.arange(256, device=device)
     a = arg.view(-1, 1, 1)
     if name == "Posterize":  # keep `bits` high bits; bits <= 0 -> 0, bits >= 8 -> identity
-        step = torch.pow(2.0, (8 - a).clamp(0, 8)).to(torch.int64)
-        return i - i % step
+        return i - i % _posterize_step(a)
     if name == "Solarize":  # invert values >= threshold
         return torch.where(i < a, i, 255 - i)
     if name == "SolarizeAdd":  # add to values < 128, saturating
@@ -548,7 +552,7 @@ def _select(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
     Eager CPU kernels of torch.where run about ten times slower than elementwise
     arithmetic, so there the choice is made with bit masks: b ^ ((a ^ b) & 0xFF or 0x00).
     """
-    if a.device.type != "cpu" or torch.compiler.is_compiling():
+    if not _eager_cpu(a):
         return torch.where(mask, a, b)
     return b ^ ((a ^ b) & -mask.view(torch.uint8))
 
@@ -722,9 +726,8 @@ def _apply_one(x: Tensor, name: str, arg: Tensor | None, fill: Tensor, resample:
         return x
     if name == "Invert":
         return 255 - x
-    if name == "Posterize":  # i - i % 2**(8 - bits) keeps the high bits: a mask
-        step = torch.pow(2.0, (8 - arg).clamp(0, 8)).to(torch.int64)
-        return x & (256 - step).to(torch.uint8).view(n, 1, 1, 1)
+    if name == "Posterize":  # i - i % step keeps the high bits: a mask
+        return x & (256 - _posterize_step(arg)).to(torch.uint8).view(n, 1, 1, 1)
     if name == "Solarize":  # the threshold is a whole number in 0..256
         return _select(x < arg.to(torch.int16).view(n, 1, 1, 1), x, 255 - x)
     if name == "SolarizeAdd":  # the addend is a whole number in 0..128
@@ -768,9 +771,14 @@ def _apply_layer_grouped(x: Tensor, op: Tensor, applied: Tensor, names: Sequence
     return torch.cat(pieces).index_select(0, torch.argsort(order))
 
 
+def _eager_cpu(t: Tensor) -> bool:
+    """Running eagerly on a CPU, where per-sample work and slow kernels are the cost (not traced)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _grouped(images: Tensor) -> bool:
     """Whether to apply ops by group: eager on a CPU (where every op on every sample is the cost)."""
-    return images.device.type == "cpu" and not torch.compiler.is_compiling()
+    return _eager_cpu(images)
 
 
 @torch.no_grad()
