@@ -55,6 +55,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]:
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
+def default_channels_last(device: torch.device) -> bool:
+    """channels_last unless asked: faster convolutions on CUDA and on CPUs (oneDNN; 1.1-1.25x forward+backward
+    measured, bench/RESULTS.md); XLA and MPS keep the default layout."""
+    return device.type in ("cuda", "cpu")
+
+
 def model_inputs(images, mean, std, channels_last: bool):
     """uint8 [N, C, H, W] -> the normalised float batch the model takes, in its memory layout."""
     inputs = augment.normalize_batch(images, mean, std)
@@ -521,8 +527,7 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
     loaders = build_loaders(cfg, data, labeled_idx, labeled_rows, size, pad, augment_device, accelerator, cache=cache)
 
     # ---- Model, optimizer, schedule, EMA.
-    # channels_last: faster convolutions on CUDA and on CPUs (oneDNN; 1.1-1.25x fwd+bwd measured, bench/RESULTS.md)
-    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type in ("cuda", "cpu")
+    channels_last = cfg.channels_last if cfg.channels_last is not None else default_channels_last(device)
     model = create_model(cfg.model, data.num_classes)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
