@@ -440,9 +440,16 @@ def _gray(x: Tensor) -> Tensor:
     return (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16
 
 
+def _for_min_max(x: Tensor) -> Tensor:
+    """uint8 values to take min / max of: as they are on eager CPU (a few times faster than
+    int64), int32 elsewhere: inductor's CPU code (torch 2.14) returns 0 for some uint8
+    amin reductions (the true minimum was 12)."""
+    return x if _eager_cpu(x) else x.to(torch.int32)
+
+
 def _lut_autocontrast(x: Tensor) -> Tensor:
     """ImageOps.autocontrast (cutoff 0) as a per-sample per-channel LUT: int64 [N, C, 256]."""
-    flat = x.flatten(2)  # min / max on uint8: a few times faster than on int64
+    flat = _for_min_max(x.flatten(2))
     lo = flat.amin(2, keepdim=True).to(torch.int64)
     hi = flat.amax(2, keepdim=True).to(torch.int64)
     i = torch.arange(256, device=x.device)
@@ -463,7 +470,7 @@ def _lut_equalize(x: Tensor) -> Tensor:
     flat = x.flatten(2).to(torch.int64)
     hist = torch.zeros(n, c, 256, dtype=torch.int64, device=x.device)
     hist.scatter_add_(2, flat, torch.ones_like(flat))
-    last = hist.gather(2, x.flatten(2).amax(2, keepdim=True).to(torch.int64))  # count of the highest value present
+    last = hist.gather(2, _for_min_max(x.flatten(2)).amax(2, keepdim=True).to(torch.int64))  # count of the highest value present
     step = (flat.shape[2] - last).div(255, rounding_mode="floor")
     before = hist.cumsum(2) - hist  # pixels strictly below each value
     lut = (step.div(2, rounding_mode="floor") + before).div(step.clamp(min=1),
