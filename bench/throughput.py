@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fixmatch_accel import augment  # noqa: E402
 from fixmatch_accel.ema import ModelEMA  # noqa: E402
 from fixmatch_accel.models import create_model  # noqa: E402
-from fixmatch_accel.trainer import (cosine_lr_factor, default_channels_last, param_groups,  # noqa: E402
-                                    strong_forward_loss)
+from fixmatch_accel.trainer import (cosine_lr_factor, default_channels_last, forward_loss,  # noqa: E402
+                                    param_groups, strong_forward_loss, strong_view_in_step)
 
 CIFAR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10" / "train-00000-of-00001.parquet"
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
@@ -154,10 +154,14 @@ def run_project(args, images, labels, device, steps, warmup, compile=None, bf16=
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
 
-    def core(x, y, u_w, params, u_y):
+    in_graph = strong_view_in_step(device)  # as the trainer: on a CPU the strong view is made eagerly
+
+    def core(x, y, u_w, strong, u_y):
+        kwargs = dict(mean=mean, std=std, channels_last=channels_last, threshold=0.95, temperature=1.0, lambda_u=1.0)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and bf16):
-            return strong_forward_loss(model, x, y, u_w, params, u_y, strong_config=STRONG, mean=mean, std=std,
-                                       channels_last=channels_last, threshold=0.95, temperature=1.0, lambda_u=1.0)
+            if in_graph:
+                return strong_forward_loss(model, x, y, u_w, strong, u_y, strong_config=STRONG, **kwargs)
+            return forward_loss(model, x, y, u_w, strong, u_y, **kwargs)
 
     if compile:
         core = torch.compile(core, mode=compile)
@@ -172,10 +176,12 @@ def run_project(args, images, labels, device, steps, warmup, compile=None, bf16=
         iu = torch.randint(0, len(data), (U,), device=device, generator=gen)
         x = augment.weak_batch(data[ix], generator=gen)
         u_w = augment.weak_batch(data[iu], generator=gen)
-        params = augment.sample_rand_augment_params(U, STRONG, generator=gen, device=device)
+        strong = augment.sample_rand_augment_params(U, STRONG, generator=gen, device=device)
+        if not in_graph:
+            strong = augment.apply_rand_augment(u_w, strong, STRONG)
         if compile == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graph outputs are reused each step
-        loss, stats = core(x, targets[ix], u_w, params, targets[iu])
+        loss, stats = core(x, targets[ix], u_w, strong, targets[iu])
         loss.backward()
         optimizer.step()
         scheduler.step()

@@ -61,6 +61,16 @@ def default_channels_last(device: torch.device) -> bool:
     return device.type in ("cuda", "cpu")
 
 
+def strong_view_in_step(device: torch.device) -> bool:
+    """Whether the strong view is made inside the step function (compiled with it under --compile).
+
+    Not on a CPU: there eager RandAugment applies each op to its own samples only, while a
+    compiled graph (static shapes) computes every op for every sample and selects, about
+    9x slower (measured, bench/RESULTS.md). The pixels are the same either way (tested).
+    """
+    return device.type != "cpu"
+
+
 def model_inputs(images, mean, std, channels_last: bool):
     """uint8 [N, C, H, W] -> the normalised float batch the model takes, in its memory layout."""
     inputs = augment.normalize_batch(images, mean, std)
@@ -568,22 +578,25 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
                        temperature=cfg.temperature, lambda_u=cfg.lambda_u)
 
     # The views of one step and the function they feed, chosen once here rather than branched on in the loop.
+    core = partial(forward_loss, model, **loss_kwargs)
     if augment_device == "cpu":
-        core = partial(forward_loss, model, **loss_kwargs)
-
         def views(batch_x, batch_u):
             (x, y, _), (u_w, u_s, u_y, rows) = batch_x, batch_u
             return x, y, u_w, u_s, u_y, rows
     else:
-        core = partial(strong_forward_loss, model, strong_config=cfg.strong_augment, **loss_kwargs)
+        in_graph = strong_view_in_step(device)
+        if in_graph:
+            core = partial(strong_forward_loss, model, strong_config=cfg.strong_augment, **loss_kwargs)
 
         def views(batch_x, batch_u):
             (x, y, _), (u, u_y, rows) = batch_x, batch_u
             x = augment.weak_batch(x, hflip=cfg.hflip, pad=pad, generator=generator)
             u_w = augment.weak_batch(u, hflip=cfg.hflip, pad=pad, generator=generator)
-            params = augment.sample_rand_augment_params(u.shape[0], cfg.strong_augment, generator=generator,
+            strong = augment.sample_rand_augment_params(u.shape[0], cfg.strong_augment, generator=generator,
                                                         device=device, image_size=(size, size))
-            return x, y, u_w, params, u_y, rows
+            if not in_graph:
+                strong = augment.apply_rand_augment(u_w, strong, cfg.strong_augment)
+            return x, y, u_w, strong, u_y, rows
     if cfg.compile:
         compiled = torch.compile(core, mode=cfg.compile_mode)
         core = compiled

@@ -61,6 +61,24 @@ def test_tiny_digits_run_leaves_everything(tmp_path):
     model.load_state_dict(load_file(out / "model.safetensors"))
 
 
+def test_compile_on_cpu_logs_the_eager_losses(tmp_path):
+    """--compile on a CPU compiles forward + loss; the strong view is made eagerly (each op on its
+    own samples, the pixels of the static-shape path). With threshold 0 every strong view enters
+    the loss, so the two runs' logged losses agree only if the views and the step do."""
+    args = TINY_DIGITS + ["--augment_device", "accelerator", "--threshold", "0", "--max_train_steps", "4",
+                          "--eval_steps", "0", "--checkpointing_steps", "0", "--seed", "3"]
+    rows = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        check_ok(run_train(args + extra + ["--output_dir", tmp_path / name]))
+        rows[name] = read_metrics(tmp_path / name)[0]
+        assert json.loads((tmp_path / name / "config.json").read_text())["settings"]["compile"] is bool(extra)
+    assert [r["step"] for r in rows["compiled"]] == [2, 4]
+    for eager, compiled in zip(rows["eager"], rows["compiled"]):
+        assert eager["mask_ratio"] == compiled["mask_ratio"] == 1.0 and eager["loss_u"] > 0
+        for key in ("loss", "loss_x", "loss_u"):
+            assert compiled[key] == pytest.approx(eager[key], rel=1e-4), key
+
+
 def test_resume_continues_and_refuses_to_clobber(tmp_path):
     out = tmp_path / "run"
     check_ok(run_train(TINY_DIGITS + ["--max_train_steps", "4", "--output_dir", out, "--no-cache_decoded"]))
