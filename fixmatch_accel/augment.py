@@ -442,8 +442,9 @@ def _gray(x: Tensor) -> Tensor:
 
 def _for_min_max(x: Tensor) -> Tensor:
     """uint8 values to take min / max of: as they are on eager CPU (a few times faster than
-    int64), int32 elsewhere: inductor's CPU code (torch 2.14) returns 0 for some uint8
-    amin reductions (the true minimum was 12)."""
+    int64), int32 elsewhere: inductor's vectorised CPU min / max of 8-bit integers over 16
+    or more values can return 0 (pytorch/pytorch#191499; seen here in torch 2.14 as a
+    minimum of 12 read as 0)."""
     return x if _eager_cpu(x) else x.to(torch.int32)
 
 
