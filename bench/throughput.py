@@ -3,7 +3,8 @@
 The reference follows kekmodel/FixMatch-pytorch: PIL/timm augmentation per image in
 DataLoader workers, float32, float tensors over the host link, a Python loop EMA and
 `.item()` every step. The project's pipeline: decoded uint8 images, batched tensor
-augmentation on the training device, channels_last, bf16 autocast on CUDA, a fused
+augmentation on the training device, channels_last, bf16 autocast where the hardware
+runs it natively (CUDA; CPUs with AVX512-BF16 or AMX, as `--mixed_precision bf16`), a fused
 (CUDA) or foreach SGD, a foreach EMA, statistics left on the device, optionally
 `torch.compile`. Both train the same model on the same batch shapes, measured in one
 run on one machine, so the ratios hold on a noisy shared machine.
@@ -134,6 +135,14 @@ def run_reference(args, images, labels, device, steps, warmup):
 
 # ---------------------------------------------------------------- this project
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast runs natively: CUDA GPUs, and CPUs whose oneDNN has bf16 kernels (AVX512-BF16, AMX)."""
+    if device.type == "cuda":
+        return True
+    mkldnn_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return device.type == "cpu" and mkldnn_bf16 is not None and bool(mkldnn_bf16())
+
+
 def run_project(args, images, labels, device, steps, warmup, compile=None, bf16=True, channels_last=True,
                 fused=True):
     """Steps/s of the project's step; `compile` is None or a torch.compile mode; the flags matter on CUDA."""
@@ -158,7 +167,7 @@ def run_project(args, images, labels, device, steps, warmup, compile=None, bf16=
 
     def core(x, y, u_w, strong, u_y):
         kwargs = dict(mean=mean, std=std, channels_last=channels_last, threshold=0.95, temperature=1.0, lambda_u=1.0)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and native_bf16(device)):
             if in_graph:
                 return strong_forward_loss(model, x, y, u_w, strong, u_y, strong_config=STRONG, **kwargs)
             return forward_loss(model, x, y, u_w, strong, u_y, **kwargs)
@@ -301,9 +310,11 @@ def main():
     ref_steps, proj_steps = statistics.median(ref_rounds), statistics.median(proj_rounds)
     eager_speedup = statistics.median([p / r for r, p in zip(ref_rounds, proj_rounds)])
     print(f"end to end, reference ({args.workers} workers, fp32, .item() each step): {ref_steps:.2f} steps/s", flush=True)
-    print(f"end to end, project: {proj_steps:.2f} steps/s -> {eager_speedup:.2f}x (medians of {args.step_rounds} "
+    precision = "bf16 autocast" if native_bf16(device) else "fp32"
+    print(f"end to end, project ({precision}): {proj_steps:.2f} steps/s -> {eager_speedup:.2f}x (medians of {args.step_rounds} "
           f"alternating rounds: {', '.join(f'{p / r:.2f}x' for r, p in zip(ref_rounds, proj_rounds))})", flush=True)
-    result.update(reference_steps_per_s=ref_steps, project_steps_per_s=proj_steps, step_speedup_eager=eager_speedup)
+    result.update(reference_steps_per_s=ref_steps, project_steps_per_s=proj_steps, step_speedup_eager=eager_speedup,
+                  project_bf16=native_bf16(device))
     if args.ablate:
         for name, off in (("fp32", dict(bf16=False)), ("no channels_last", dict(channels_last=False)),
                           ("foreach SGD", dict(fused=False))):

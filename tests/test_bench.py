@@ -18,4 +18,5 @@ def test_throughput_json_last_line_has_the_speedups():
                 "augment_project_per_core_cpu", "reference_steps_per_s", "project_steps_per_s", "step_speedup_eager"):
         assert isinstance(result[key], float) and result[key] > 0, key
     assert len(result["augment_speedup_per_round"]) == 2
+    assert isinstance(result["project_bf16"], bool)  # whether this CPU ran the project's step in bf16
     assert "augmentation, one CPU core" in out.stdout and "end to end, project" in out.stdout
