@@ -68,7 +68,7 @@ class TrainConfig:
     weight_decay: float = _f(5e-4, "Weight decay on conv/linear weights (never on biases or BatchNorm).")
     ema_decay: float = _f(0.999, "Decay of the EMA model that is evaluated and saved (warmed up as (1+t)/(10+t)).")
     max_train_steps: int = _f(2**20, "Optimizer steps K; the cosine schedule lr*cos(7*pi*k/(16K)) spans them.")
-    compile: bool = _f(False, "torch.compile the augmentation + forward + loss (one graph without host syncs).")
+    compile: bool = _f(False, "torch.compile the augmentation + forward + loss (one graph without host syncs); on a CPU forward + loss only (eager augmentation is faster there).")
     compile_mode: str = _f("default", "torch.compile mode with --compile; 'reduce-overhead' (CUDA graphs) was fastest on one H100 (bench/RESULTS.md).", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     channels_last: Optional[bool] = _f(None, "channels_last memory layout for model and inputs; default: on for CUDA and CPU (off on XLA and MPS).")
     mixed_precision: Optional[str] = _f(None, "no, fp16 or bf16; default: from `accelerate launch` / accelerate config.", choices=("no", "fp16", "bf16"))
