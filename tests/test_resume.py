@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -126,11 +127,17 @@ def test_checkpoints_total_limit_keeps_the_newest(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_6", "step_8"]
 
 
-@pytest.fixture
-def finished(tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def finished_once(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
     check_ok(run_train(QUICK + ["--max_train_steps", 2, "--checkpointing_steps", 2, "--output_dir", out]))
     return out
+
+
+@pytest.fixture
+def finished(finished_once, tmp_path):
+    """A finished 2-step run with a checkpoint at step 2: a copy of one run, each test damages its own."""
+    return shutil.copytree(finished_once, tmp_path / "run")
 
 
 def assert_one_line_error(result, *fragments):
