@@ -145,7 +145,7 @@ def native_bf16(device: torch.device) -> bool:
 
 def run_project(args, images, labels, device, steps, warmup, compile=None, bf16=True, channels_last=True,
                 fused=True):
-    """Steps/s of the project's step; `compile` is None or a torch.compile mode; the flags matter on CUDA."""
+    """Steps/s of the project's step; `compile` is None or a torch.compile mode; bf16 applies where native, fused on CUDA."""
     B, U = args.batch_size, args.mu * args.batch_size
     cuda = device.type == "cuda"
     data = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)  # decoded once (--cache_decoded)
