@@ -164,10 +164,11 @@ def run_project(args, images, labels, device, steps, warmup, compile=None, bf16=
     std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
 
     in_graph = strong_view_in_step(device)  # as the trainer: on a CPU the strong view is made eagerly
+    autocast_bf16 = bf16 and native_bf16(device)
+    kwargs = dict(mean=mean, std=std, channels_last=channels_last, threshold=0.95, temperature=1.0, lambda_u=1.0)
 
     def core(x, y, u_w, strong, u_y):
-        kwargs = dict(mean=mean, std=std, channels_last=channels_last, threshold=0.95, temperature=1.0, lambda_u=1.0)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and native_bf16(device)):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
             if in_graph:
                 return strong_forward_loss(model, x, y, u_w, strong, u_y, strong_config=STRONG, **kwargs)
             return forward_loss(model, x, y, u_w, strong, u_y, **kwargs)
