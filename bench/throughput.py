@@ -39,7 +39,8 @@ from fixmatch_accel import augment  # noqa: E402
 from fixmatch_accel.ema import ModelEMA  # noqa: E402
 from fixmatch_accel.models import create_model  # noqa: E402
 from fixmatch_accel.trainer import (cosine_lr_factor, default_channels_last, forward_loss,  # noqa: E402
-                                    param_groups, strong_forward_loss, strong_view_in_step)
+                                    param_groups, strong_forward_loss, strong_view_in_step,
+                                    unlabeled_batch_views)
 
 CIFAR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10" / "train-00000-of-00001.parquet"
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
@@ -185,10 +186,7 @@ def run_project(args, images, labels, device, steps, warmup, compile=None, bf16=
         ix = torch.randint(0, len(data), (B,), device=device, generator=gen)
         iu = torch.randint(0, len(data), (U,), device=device, generator=gen)
         x = augment.weak_batch(data[ix], generator=gen)
-        u_w = augment.weak_batch(data[iu], generator=gen)
-        strong = augment.sample_rand_augment_params(U, STRONG, generator=gen, device=device)
-        if not in_graph:
-            strong = augment.apply_rand_augment(u_w, strong, STRONG)
+        u_w, strong = unlabeled_batch_views(data[iu], STRONG, in_graph=in_graph, generator=gen)
         if compile == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graph outputs are reused each step
         loss, stats = core(x, targets[ix], u_w, strong, targets[iu])
@@ -221,9 +219,9 @@ def augment_project(images, device, batch, repeats):
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
 
-    def one():
+    def one():  # as the reference: the strong view gets a flip and crop of its own
         u_w = augment.weak_batch(data, generator=gen)
-        u_s = augment.strong_batch(u_w, config=STRONG, generator=gen)
+        u_s = augment.strong_batch(augment.weak_batch(data, generator=gen), config=STRONG, generator=gen)
         return augment.normalize_batch(torch.cat([u_w, u_s]), mean, std)
 
     one()

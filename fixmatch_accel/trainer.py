@@ -93,14 +93,34 @@ def forward_loss(model, x, y, u_w, u_s, u_y, *, mean, std, channels_last: bool, 
                          lambda_u=lambda_u, targets_u=u_y)
 
 
-def strong_forward_loss(model, x, y, u_w, strong_params, u_y, *, strong_config: str, **kwargs):
-    """forward_loss with the strong view made on the device from pre-drawn RandAugment parameters.
+def strong_forward_loss(model, x, y, u_w, strong, u_y, *, strong_config: str, **kwargs):
+    """forward_loss with the strong view made on the device: `strong` is (its flipped and cropped
+    unlabeled batch, pre-drawn RandAugment parameters), as `unlabeled_batch_views(in_graph=True)` returns.
 
     The draws happen outside (an explicit torch.Generator cannot be traced), the
     pixel work inside, so augmentation + forward + loss compile together.
     """
-    u_s = augment.apply_rand_augment(u_w, strong_params, strong_config)
+    base, params = strong
+    u_s = augment.apply_rand_augment(base, params, strong_config)
     return forward_loss(model, x, y, u_w, u_s, u_y, **kwargs)
+
+
+def unlabeled_batch_views(u, strong_config: str, *, in_graph: bool, generator=None, hflip: bool = True,
+                          pad: int = 4):
+    """The weak view of an unlabeled uint8 batch and its strong view, or what makes it inside the step.
+
+    The strong view is RandAugment on a flip + crop of its own, drawn apart from the weak
+    view's, as the CPU path's PIL transforms, kekmodel and the TF original all do: not on
+    u_w itself, which would tie the two views' geometry. Returns (u_w, u_s), or with
+    `in_graph` (u_w, (flipped and cropped u, RandAugment draws)) for `strong_forward_loss`.
+    """
+    u_w = augment.weak_batch(u, hflip=hflip, pad=pad, generator=generator)
+    base = augment.weak_batch(u, hflip=hflip, pad=pad, generator=generator)
+    params = augment.sample_rand_augment_params(u.shape[0], strong_config, generator=generator, device=u.device,
+                                                image_size=tuple(u.shape[-2:]))
+    if in_graph:
+        return u_w, (base, params)
+    return u_w, augment.apply_rand_augment(base, params, strong_config)
 
 
 class TrainState:
@@ -592,11 +612,8 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
         def views(batch_x, batch_u):
             (x, y, _), (u, u_y, rows) = batch_x, batch_u
             x = augment.weak_batch(x, hflip=cfg.hflip, pad=pad, generator=generator)
-            u_w = augment.weak_batch(u, hflip=cfg.hflip, pad=pad, generator=generator)
-            strong = augment.sample_rand_augment_params(u.shape[0], cfg.strong_augment, generator=generator,
-                                                        device=device, image_size=(size, size))
-            if not in_graph:
-                strong = augment.apply_rand_augment(u_w, strong, cfg.strong_augment)
+            u_w, strong = unlabeled_batch_views(u, cfg.strong_augment, in_graph=in_graph, generator=generator,
+                                                hflip=cfg.hflip, pad=pad)
             return x, y, u_w, strong, u_y, rows
     if cfg.compile:
         compiled = torch.compile(core, mode=cfg.compile_mode)

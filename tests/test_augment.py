@@ -165,6 +165,26 @@ def test_weak_batch_distribution():
     assert not flipped.any()
 
 
+@pytest.mark.parametrize("in_graph", [False, True])
+def test_the_strong_view_gets_a_flip_and_crop_of_its_own(in_graph):
+    """The trainer's strong view is RandAugment on a flip + crop drawn apart from the weak
+    view's (as PIL's strong transform does), not RandAugment on the weak view itself."""
+    from fixmatch_accel.trainer import unlabeled_batch_views
+
+    n, size, pad, config = 3000, 16, 4, "rand-m9-mstd0.5-p0"  # p0: RandAugment changes nothing
+    u_w, strong = unlabeled_batch_views(_coordinate_images(n, size), config, in_graph=in_graph,
+                                        generator=_gen(7), pad=pad)
+    u_s = A.apply_rand_augment(*strong, config) if in_graph else strong
+    weak, strong = _recover_crop(u_w, pad), _recover_crop(u_s, pad)
+    for offsets in strong[:2]:
+        assert torch.equal(torch.unique(offsets), torch.arange(2 * pad + 1))
+    same = (weak[0] == strong[0]) & (weak[1] == strong[1]) & (weak[2] == strong[2])
+    expected = n / (9 * 9 * 2)  # independent draws: 1 in 162 samples agree by chance
+    assert abs(same.sum().item() - expected) < 4.5 * expected ** 0.5, same.sum()
+    flips_agree = (weak[2] == strong[2]).float().mean().item()
+    assert abs(flips_agree - 0.5) < 4 * (0.25 / n) ** 0.5
+
+
 def test_weak_batch_identity_and_determinism():
     x = _synthetic_batch(16, 32)
     assert torch.equal(A.weak_batch(x, hflip=False, pad=0), x)

@@ -29,7 +29,8 @@ def test_augment_forward_loss_compiles_fullgraph(config):
     torch.manual_seed(0)
     model = create_model("small_cnn", 10).train()
     x, y, u_w, u_y, g = batch()
-    params = augment.sample_rand_augment_params(u_w.shape[0], config, generator=g, image_size=(16, 16))
+    base = augment.weak_batch(u_w, pad=2, generator=g)  # stands in for the strong view's own flip + crop
+    params = (base, augment.sample_rand_augment_params(u_w.shape[0], config, generator=g, image_size=(16, 16)))
 
     def step(x, y, u_w, params, u_y):
         return strong_forward_loss(model, x, y, u_w, params, u_y, strong_config=config, **KW)
