@@ -38,7 +38,8 @@ Where the tensor path knowingly differs from timm / kekmodel:
     1..9); geometric ops use nearest sampling as kekmodel does but fill with ``fill``
     (kekmodel fills black); Cutout is a (min(H, W) // 2)-pixel square centred at a
     uniform pixel and clipped at the borders (kekmodel's PIL rectangle is one pixel
-    wider and is not clipped symmetrically).
+    wider and is not clipped symmetrically), filled with ``fill`` (default 128;
+    kekmodel's is 127).
 """
 from __future__ import annotations
 
