@@ -175,13 +175,13 @@ def test_the_strong_view_gets_a_flip_and_crop_of_its_own(in_graph):
     u_w, strong = unlabeled_batch_views(_coordinate_images(n, size), config, in_graph=in_graph,
                                         generator=_gen(7), pad=pad)
     u_s = A.apply_rand_augment(*strong, config) if in_graph else strong
-    weak, strong = _recover_crop(u_w, pad), _recover_crop(u_s, pad)
-    for offsets in strong[:2]:
+    weak_crop, strong_crop = _recover_crop(u_w, pad), _recover_crop(u_s, pad)  # (oy, ox, flipped) each
+    for offsets in strong_crop[:2]:
         assert torch.equal(torch.unique(offsets), torch.arange(2 * pad + 1))
-    same = (weak[0] == strong[0]) & (weak[1] == strong[1]) & (weak[2] == strong[2])
+    same = (weak_crop[0] == strong_crop[0]) & (weak_crop[1] == strong_crop[1]) & (weak_crop[2] == strong_crop[2])
     expected = n / (9 * 9 * 2)  # independent draws: 1 in 162 samples agree by chance
     assert abs(same.sum().item() - expected) < 4.5 * expected ** 0.5, same.sum()
-    flips_agree = (weak[2] == strong[2]).float().mean().item()
+    flips_agree = (weak_crop[2] == strong_crop[2]).float().mean().item()
     assert abs(flips_agree - 0.5) < 4 * (0.25 / n) ** 0.5
 
 

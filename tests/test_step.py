@@ -30,21 +30,21 @@ def test_augment_forward_loss_compiles_fullgraph(config):
     model = create_model("small_cnn", 10).train()
     x, y, u_w, u_y, g = batch()
     base = augment.weak_batch(u_w, pad=2, generator=g)  # stands in for the strong view's own flip + crop
-    params = (base, augment.sample_rand_augment_params(u_w.shape[0], config, generator=g, image_size=(16, 16)))
+    strong = (base, augment.sample_rand_augment_params(u_w.shape[0], config, generator=g, image_size=(16, 16)))
 
-    def step(x, y, u_w, params, u_y):
-        return strong_forward_loss(model, x, y, u_w, params, u_y, strong_config=config, **KW)
+    def step(x, y, u_w, strong, u_y):
+        return strong_forward_loss(model, x, y, u_w, strong, u_y, strong_config=config, **KW)
 
     # A BatchNorm step in train mode changes running stats: compare eager and compiled from the same state.
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    eager_loss, eager_stats = step(x, y, u_w, params, u_y)
+    eager_loss, eager_stats = step(x, y, u_w, strong, u_y)
     eager_loss.backward()
     eager_grad = model.fc.weight.grad.clone()
     model.load_state_dict(state)
     model.zero_grad()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # fullgraph: any graph break fails
-    loss, stats = compiled(x, y, u_w, params, u_y)
+    loss, stats = compiled(x, y, u_w, strong, u_y)
     loss.backward()
     assert torch.allclose(loss, eager_loss, atol=1e-5)
     assert set(stats) == set(eager_stats)
