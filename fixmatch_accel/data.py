@@ -8,6 +8,7 @@ import io
 import json
 import os
 import random
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
@@ -275,7 +276,10 @@ def labeled_split(cfg, data: SplitData) -> List[int]:
     bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < n]
     if bad or not indices:
         raise UsageError(f"--labeled_split_file {path!r}: indices must be integers in [0, {n}), got e.g. {bad[:3] or indices}")
-    return [int(i) for i in indices]
+    repeated = [i for i, count in Counter(indices).items() if count > 1]
+    if repeated:
+        raise UsageError(f"--labeled_split_file {path!r}: index {repeated[0]} appears more than once")
+    return sorted(int(i) for i in indices)  # the order a drawn split has (and a stream's rows are fetched in)
 
 
 def labeled_examples(cfg, data: SplitData, indices: List[int]):
@@ -293,7 +297,7 @@ def labeled_examples(cfg, data: SplitData, indices: List[int]):
         if data.streaming:
             from .streaming import fetch_rows
 
-            rows = Dataset.from_list(fetch_rows(data.train, data.shard_sizes, indices), features=data.train.features)
+            rows = _labeled_rows(data, fetch_rows(data.train, data.shard_sizes, indices))
         else:
             rows = data.train.select(indices)
         found = []
@@ -313,6 +317,23 @@ def labeled_examples(cfg, data: SplitData, indices: List[int]):
             continue
         labels[[i for i, _, _ in found]] = -1  # no longer a member of any class
         indices = select_labeled(labels, cfg.num_labeled, data.num_classes, cfg.seed)
+
+
+def _labeled_rows(data: SplitData, fetched: List[Dict]):
+    """Fetched stream rows as a Dataset whose labels are class indices, as the map-style split's are.
+
+    Plain int or string labels of a stream are mapped row by row (the unlabeled and eval
+    streams do the same); ClassLabel columns already hold the indices.
+    """
+    from datasets import ClassLabel, Dataset
+
+    features = data.train.features
+    if data.label_map is not None:
+        features = features.copy()
+        features[data.label_column] = ClassLabel(names=data.class_names)
+        for row in fetched:
+            row[data.label_column] = data.label_map[row[data.label_column]]
+    return Dataset.from_list(fetched, features=features)
 
 
 def save_labeled_split(path: str, indices: List[int], cfg, data: SplitData) -> None:

@@ -7,8 +7,8 @@ import pytest
 
 from conftest import write_image_folder
 from fixmatch_accel.config import TrainConfig
-from fixmatch_accel.data import (channel_stats, labeled_split, load_data, load_digits_dataset, repeat_to_fill,
-                                 save_labeled_split, select_labeled)
+from fixmatch_accel.data import (channel_stats, labeled_examples, labeled_split, load_data, load_digits_dataset,
+                                 repeat_to_fill, save_labeled_split, select_labeled)
 from fixmatch_accel.errors import UsageError
 
 
@@ -61,6 +61,11 @@ def test_bad_split_file(tmp_path):
         labeled_split(TrainConfig(labeled_split_file=str(bad)), data)
     with pytest.raises(UsageError, match="--labeled_split_file .*no such file"):
         labeled_split(TrainConfig(labeled_split_file=str(tmp_path / "missing.json")), data)
+    bad.write_text('{"indices": [5, 0, 5, 1]}')
+    with pytest.raises(UsageError, match="--labeled_split_file .*: index 5 appears more than once"):
+        labeled_split(TrainConfig(labeled_split_file=str(bad)), data)
+    bad.write_text('{"indices": [7, 0, 3]}')  # a hand-written file's order: the rows are read sorted
+    assert labeled_split(TrainConfig(labeled_split_file=str(bad)), data) == [0, 3, 7]
 
 
 def test_columns_detected_on_cifar10(cifar10_path):
@@ -117,3 +122,21 @@ def test_plain_integer_labels_become_classes(tmp_path):
     data = load_data(TrainConfig(dataset_name=str(tmp_path), label_column_name="y"))
     assert data.class_names == ["3", "7", "9"]
     assert data.train["y"] == [0, 1, 1, 0, 2, 2] and data.eval["y"] == [2, 0]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_plain_string_labels_reach_the_labeled_rows_as_class_indices(tmp_path, streaming):
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    features = Features({"picture": Image(), "species": Value("string")})
+    for split, ys in (("train", ["zebra", "ant", "cow", "ant", "zebra", "cow"]), ("test", ["cow", "ant"])):
+        images = [PILImage.new("RGB", (8, 8), (len(y), 0, 0)) for y in ys]
+        Dataset.from_dict({"picture": images, "species": ys}, features=features).to_parquet(
+            str(tmp_path / f"{split}.parquet"))
+    cfg = TrainConfig(dataset_name=str(tmp_path), label_column_name="species", num_labeled=3, streaming=streaming)
+    data = load_data(cfg)
+    assert data.class_names == ["ant", "cow", "zebra"] and data.train_labels.tolist() == [2, 0, 1, 0, 2, 1]
+    indices, rows, bad = labeled_examples(cfg, data, [0, 1, 2])
+    # the loss takes these as targets: class indices, as in the label pass, never the raw strings
+    assert indices == [0, 1, 2] and not bad and rows["species"] == [2, 0, 1]
