@@ -81,7 +81,7 @@ class TrainConfig:
     checkpoints_total_limit: Optional[int] = _f(None, "Keep only the newest K checkpoints (older ones are deleted); default: keep all.")
     resume_from_checkpoint: Optional[str] = _f(None, "Checkpoint folder to resume from, or 'latest' (newest in output_dir/checkpoints).")
     output_dir: str = _f("outputs/fixmatch", "Where the run writes config.json, metrics.jsonl, checkpoints and the model.")
-    overwrite_output_dir: bool = _f(False, "Start a new run in an output_dir that holds another run's files (they are overwritten).")
+    overwrite_output_dir: bool = _f(False, "Start a new run in an output_dir that holds another run; its files are moved into OUTPUT_DIR/replaced_<time>/ (nothing is deleted).")
     report_to: str = _f("none", "Trackers for accelerate (tensorboard, wandb, ..., all) besides metrics.jsonl; 'none' for none.")
     ddp_timeout: int = _f(1800, "Seconds a process waits for the others in a collective before failing: how long the other machines wait for one that hangs or drops off the network (a crashed one is noticed at once); transformers' name and default.")
     seed: int = _f(0, "Seed for the labeled split, initialisation, data order and augmentation.")

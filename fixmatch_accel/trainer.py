@@ -41,6 +41,9 @@ CACHE_LIMIT_BYTES = 4 * 2**30
 
 # Files that mark an output_dir as holding a run.
 RUN_FILES = ("metrics.jsonl", "checkpoints", "model.safetensors")
+# Everything a run (and fixmatch-plot / fixmatch-predict) leaves there: set aside by --overwrite_output_dir.
+RUN_OUTPUTS = RUN_FILES + ("config.json", "labeled_split.json", "eval_results.json", "xla_metrics.json",
+                           "training_curves.png", "per_class.png", "predictions.csv")
 
 
 def cosine_lr_factor(step: int, total_steps: int) -> float:
@@ -271,13 +274,32 @@ def _resolve_resume(cfg: TrainConfig) -> Optional[str]:
     return cfg.resume_from_checkpoint
 
 
-def _check_output_dir(cfg: TrainConfig, resuming: bool) -> None:
+def _check_output_dir(cfg: TrainConfig, resuming: bool) -> bool:
+    """Whether a new run replaces the run in --output_dir (with --overwrite_output_dir); refuse without it."""
     present = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.output_dir, f))]
     if present and not resuming and not cfg.overwrite_output_dir:
         raise UsageError(
             f"--output_dir {cfg.output_dir!r} already holds a run ({', '.join(present)}): "
             "resume it with --resume_from_checkpoint latest, choose another --output_dir, or pass --overwrite_output_dir"
         )
+    return bool(present) and not resuming
+
+
+def set_aside_previous_run(output_dir: str) -> str:
+    """Move the previous run's files into output_dir/replaced_<time>/ and return that folder.
+
+    Its checkpoints must not stay beside the new run's: `--resume_from_checkpoint latest`
+    would continue the old run, and --checkpoints_total_limit would count its steps as the
+    newest and delete the new run's. Nothing is deleted.
+    """
+    dest = os.path.join(output_dir, time.strftime("replaced_%Y%m%d-%H%M%S"))
+    while os.path.exists(dest):
+        dest += "_"
+    os.makedirs(dest)
+    for name in RUN_OUTPUTS:
+        if os.path.exists(os.path.join(output_dir, name)):
+            os.replace(os.path.join(output_dir, name), os.path.join(dest, name))
+    return dest
 
 
 # The package to install for each accelerate tracker (accelerate itself only warns and logs nothing).
@@ -500,7 +522,7 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
     except ValueError as e:
         raise UsageError(str(e)) from None
     resume_path = _resolve_resume(cfg)
-    _check_output_dir(cfg, resuming=resume_path is not None)
+    replacing = _check_output_dir(cfg, resuming=resume_path is not None)
     saved_split = resume_path and os.path.join(resume_path, "labeled_split.json")
     if saved_split and os.path.exists(saved_split) and cfg.labeled_split_file is None:
         # A resumed run trains on the labels it started with, whatever --seed or --num_labeled say now.
@@ -519,6 +541,9 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
         data = load_data(cfg, show_progress=bar_on)
     labeled_idx, labeled_rows, bad_labeled = labeled_examples(cfg, data, labeled_split(cfg, data))
     if is_main:
+        if replacing:  # only now: --labeled_split_file may have named the previous run's split
+            accelerator.print(f"--overwrite_output_dir: the previous run's files are now in "
+                              f"{set_aside_previous_run(cfg.output_dir)}")
         save_labeled_split(os.path.join(cfg.output_dir, "labeled_split.json"), labeled_idx, cfg, data)
     # Image size and channel statistics from a seeded sample (a stream: its labeled examples).
     stats_source, rows = ((labeled_rows, range(len(labeled_rows))) if data.streaming

@@ -92,6 +92,16 @@ def test_resume_continues_and_refuses_to_clobber(tmp_path):
     train_rows, _ = read_metrics(out)
     assert [r["step"] for r in train_rows] == [2, 4, 6, 8]
     assert (out / "checkpoints" / "step_6").is_dir()
+    # A new run over it: the old run's files move aside, so its step_8 is neither `latest` nor counted by the limit.
+    new = run_train(TINY_DIGITS + ["--max_train_steps", "3", "--output_dir", out, "--overwrite_output_dir",
+                                   "--checkpoints_total_limit", "1"])
+    check_ok(new)
+    (aside,) = out.glob("replaced_*")
+    assert f"the previous run's files are now in {aside}" in new.stdout
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step_3", "step_4", "step_6", "step_8"]
+    assert {"model.safetensors", "metrics.jsonl", "config.json", "labeled_split.json"} <= {p.name for p in aside.iterdir()}
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_3"]
+    assert [r["step"] for r in read_metrics(out)[0]] == [2, 3]  # the new run's rows only
 
 
 def test_cpu_augmentation_path_on_cifar10_with_wrn(tmp_path, cifar10_path):
