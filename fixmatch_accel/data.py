@@ -81,12 +81,13 @@ def _load_raw(cfg, streaming: bool = False):
         for flag, path in (("--train_dir", cfg.train_dir), ("--validation_dir", cfg.validation_dir)):
             if path is not None and not os.path.isdir(path):
                 raise UsageError(f"{flag} {path!r}: no such folder")
-        # One builder call for both folders, so both splits share one class list.
+        # One builder call for both folders, so both splits share one class list. drop_labels=False: by
+        # default the builder drops the class folders when the two folders lie at different depths.
         files = {"train": os.path.join(cfg.train_dir, "**")}
         if cfg.validation_dir is not None:
             files["validation"] = os.path.join(cfg.validation_dir, "**")
         try:
-            return load_dataset("imagefolder", data_files=files, streaming=streaming)
+            return load_dataset("imagefolder", data_files=files, drop_labels=False, streaming=streaming)
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(f"--train_dir {cfg.train_dir!r}: {str(e).splitlines()[0]}") from None
 
@@ -196,8 +197,30 @@ def load_data(cfg, show_progress: bool = False) -> SplitData:
             raise UsageError(f"--label_column_name {label_col!r}: split {split!r} holds the value "
                              f"{values[outside[0]]} (row {outside[0]}), outside the {len(class_names)} classes "
                              f"0..{len(class_names) - 1}")
+    _check_classes(cfg, class_names, train_labels, eval_labels, eval_split)
     return SplitData(train, evaluation, image_col, label_col, class_names, eval_split, train_labels, eval_labels,
                      shard_sizes, label_map)
+
+
+def _check_classes(cfg, class_names: List[str], train_labels: np.ndarray, eval_labels: np.ndarray,
+                   eval_split: str) -> None:
+    """The train split must hold two classes or more, and every class the eval split holds."""
+    in_train = set(np.unique(train_labels).tolist())
+
+    def names(ids) -> str:
+        return ", ".join(class_names[i] for i in sorted(ids))
+
+    limited = f" (its first {cfg.max_train_samples} rows, --max_train_samples)" if cfg.max_train_samples else ""
+    if len(in_train) < 2:
+        source = f"--train_dir {cfg.train_dir!r}" if cfg.train_dir else f"--train_split {cfg.train_split!r}"
+        raise UsageError(f"{source}{limited} has {len(in_train)} class(es) ({names(in_train)}); "
+                         "FixMatch needs at least 2 (an image folder: one subfolder per class)")
+    eval_only = set(np.unique(eval_labels).tolist()) - in_train
+    if eval_only:
+        where = (f"--validation_dir {cfg.validation_dir!r}: class folder(s)" if cfg.train_dir
+                 else f"--eval_split {eval_split!r}: class(es)")
+        raise UsageError(f"{where} {names(eval_only)} not in the train split{limited}, whose classes are "
+                         f"{names(in_train)}")
 
 
 def _label_streams(cfg, label_col: str, streams: Dict) -> Dict:

@@ -140,3 +140,38 @@ def test_plain_string_labels_reach_the_labeled_rows_as_class_indices(tmp_path, s
     indices, rows, bad = labeled_examples(cfg, data, [0, 1, 2])
     # the loss takes these as targets: class indices, as in the label pass, never the raw strings
     assert indices == [0, 1, 2] and not bad and rows["species"] == [2, 0, 1]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_validation_folder_classes_are_checked_against_train(tmp_path, streaming):
+    write_image_folder(tmp_path / "train", per_class=2)
+    # a validation folder deeper than train's (the builder then dropped every label) holding one class
+    write_image_folder(tmp_path / "elsewhere" / "held_out" / "val", classes=("dog",), per_class=2)
+    data = load_data(TrainConfig(train_dir=str(tmp_path / "train"), streaming=streaming,
+                                 validation_dir=str(tmp_path / "elsewhere" / "held_out" / "val")))
+    assert data.class_names == ["cat", "dog", "frog"] and data.eval_labels.tolist() == [1, 1]
+    write_image_folder(tmp_path / "val", classes=("cat", "wolf"), per_class=2)
+    with pytest.raises(UsageError, match=r"--validation_dir '.*val': class folder\(s\) wolf not in the train split, "
+                                         r"whose classes are cat, dog, frog"):
+        load_data(TrainConfig(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "val"),
+                              streaming=streaming))
+    write_image_folder(tmp_path / "one", classes=("cat",), per_class=2)
+    with pytest.raises(UsageError, match=r"--train_dir '.*one' has 1 class\(es\) \(cat\); FixMatch needs at least 2"):
+        load_data(TrainConfig(train_dir=str(tmp_path / "one"), validation_dir=str(tmp_path / "val"),
+                              streaming=streaming))
+
+
+def test_an_eval_label_the_train_split_lacks_is_an_error(tmp_path):
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    features = Features({"picture": Image(), "y": Value("string")})
+    for split, ys in (("train", ["ant", "cow", "ant"]), ("test", ["cow", "yak"])):
+        images = [PILImage.new("RGB", (8, 8)) for _ in ys]
+        Dataset.from_dict({"picture": images, "y": ys}, features=features).to_parquet(str(tmp_path / f"{split}.parquet"))
+    with pytest.raises(UsageError, match=r"--eval_split 'test': class\(es\) yak not in the train split, "
+                                         r"whose classes are ant, cow"):
+        load_data(TrainConfig(dataset_name=str(tmp_path), label_column_name="y"))
+    with pytest.raises(UsageError, match=r"--train_split 'train' \(its first 1 rows, --max_train_samples\) has 1 "
+                                         r"class\(es\) \(ant\)"):
+        load_data(TrainConfig(dataset_name=str(tmp_path), label_column_name="y", max_train_samples=1))
