@@ -567,15 +567,21 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
                          and data.num_train * 3 * size * size < CACHE_LIMIT_BYTES)
     elif cache_decoded and augment_device == "cpu":
         raise UsageError("--cache_decoded needs --augment_device accelerator (the CPU path augments PIL images)")
-    cache = None
+    cache, bad_eval = None, []  # bad_eval: unreadable eval images found while decoding, left out of every evaluation
     if cache_decoded:
         cache = []
         for split in (data.train, data.eval):
             images, labels, bad = decode_split(split, data.image_column, data.label_column, size, num_workers(cfg),
                                                show_progress=bar_on)
-            bad_images += [(r, image_name(split[r][data.image_column], r), "cannot be decoded") for r in bad]
-            images_checked += len(labels)
+            named = [(r, image_name(split[r][data.image_column], r), "cannot be decoded") for r in bad]
+            if split is data.train:  # only training reads count towards --max_bad_image_fraction
+                bad_images += named
+                images_checked += len(labels)
+            else:
+                bad_eval = named
             cache.append((images, labels, sorted(set(range(len(labels))) - set(bad))))
+        if bad_eval:
+            accelerator.print(f"evaluation leaves out {len(bad_eval)} unreadable image(s), e.g. {bad_eval[0][1]}")
     if bad_images:
         row, name, reason = bad_images[0]
         check_bad_images(len(bad_images), images_checked, f"{name}: {reason}", cfg.max_bad_image_fraction)
@@ -690,6 +696,7 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
     def run_eval(step: int) -> Dict:
         result = evaluate(ema.module, eval_loader, accelerator, eval_inputs, data.num_classes, show_progress=bar_on,
                           sharded=isinstance(eval_loader, StreamLoader) or is_xla(device))
+        result["skipped_images"] += len(bad_eval)  # the decoded cache left them out before the loader
         metrics.write(dict(step=step, top1=result["top1"], top5=result["top5"], per_class=result["per_class"]))
         return result
 
