@@ -454,6 +454,9 @@ def build_loaders(cfg: TrainConfig, data, labeled_idx: List[int], labeled_rows, 
     workers = num_workers(cfg)
     pin_memory = device.type == "cuda"
     excluded = set(labeled_idx) if cfg.unlabeled_excludes_labeled else set()
+    if len(excluded) >= data.num_train:
+        raise UsageError(f"--unlabeled_excludes_labeled: all {data.num_train} train examples are labeled, which leaves "
+                         "no unlabeled data (lower --num_labeled or leave the flag out)")
     if cache is not None:
         # Decoded in memory: a batch is one tensor index, no workers, no per-sample collate.
         (train_images, train_labels, train_ok), (eval_images, eval_labels, eval_ok) = cache

@@ -144,6 +144,8 @@ def test_unlabeled_excludes_labeled(parquet_dir, streaming):
     seen = torch.cat([batch[-1] for batch in unlabeled]).tolist()
     assert not set(seen) & set(idx)
     assert len(seen) == len(set(seen)) == 170  # 200 - 30 labeled, in whole batches of 10
+    with pytest.raises(UsageError, match="--unlabeled_excludes_labeled: all 200 train examples are labeled"):
+        build_loaders(cfg, data, list(range(200)), rows, 8, 1, "accelerator", accelerator)  # every example labeled
 
 
 def test_two_processes_split_a_stream_exactly(tmp_path, parquet_dir):
