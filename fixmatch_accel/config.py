@@ -294,8 +294,11 @@ def validate(cfg: TrainConfig) -> None:
     for name in ["eval_steps", "checkpointing_steps", "dataloader_num_workers", "weight_decay", "lambda_u"]:
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name} must be non-negative, got {getattr(cfg, name)}")
-    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
-        raise UsageError(f"--checkpoints_total_limit must be at least 1, got {cfg.checkpoints_total_limit}")
+    for name in ["checkpoints_total_limit", "max_train_samples", "max_eval_samples"]:  # None: no limit
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.crop_padding is not None and cfg.crop_padding < 0:
+        raise UsageError(f"--crop_padding must be non-negative, got {cfg.crop_padding}")
     if not 0.0 <= cfg.threshold <= 1.0:
         raise UsageError(f"--threshold must be in [0, 1], got {cfg.threshold}")
     if cfg.temperature <= 0:

@@ -39,6 +39,8 @@ def test_unknown_flag_and_bad_choice_exit(capsys):
     (["--threshold", "1.5"], "--threshold must be in \\[0, 1\\], got 1.5"),
     (["--mu", "0"], "--mu must be at least 1, got 0"),
     (["--temperature", "0"], "--temperature must be positive"),
+    (["--max_eval_samples", "0"], "--max_eval_samples must be at least 1, got 0"),
+    (["--crop_padding", "-3"], "--crop_padding must be non-negative, got -3"),
     (["--dataset_name", "a", "--train_dir", "b"], "either --dataset_name or --train_dir"),
 ])
 def test_invalid_values_name_the_flag(argv, message):
