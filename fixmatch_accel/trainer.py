@@ -527,7 +527,10 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
     resume_path = _resolve_resume(cfg)
     replacing = _check_output_dir(cfg, resuming=resume_path is not None)
     saved_split = resume_path and os.path.join(resume_path, "labeled_split.json")
-    if saved_split and os.path.exists(saved_split) and cfg.labeled_split_file is None:
+    if saved_split and cfg.labeled_split_file is None:
+        if not os.path.exists(saved_split):  # never a silent redraw from today's flags
+            raise UsageError(f"--resume_from_checkpoint {resume_path!r}: it has no labeled_split.json, so the run's "
+                             "labeled examples are unknown; name them with --labeled_split_file")
         # A resumed run trains on the labels it started with, whatever --seed or --num_labeled say now.
         cfg = dataclasses.replace(cfg, labeled_split_file=saved_split)
     accelerator = _make_accelerator(cfg)
@@ -622,6 +625,9 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
         cfg.seed * 1_000_003 + accelerator.process_index)
     if resume_path is not None:
         load_checkpoint(accelerator, resume_path, state, ema, generator)
+        if state.step > cfg.max_train_steps:
+            raise UsageError(f"--resume_from_checkpoint {resume_path!r} is at step {state.step}, past "
+                             f"--max_train_steps {cfg.max_train_steps}")
         accelerator.print(f"resumed from {resume_path} at step {state.step}"
                           + (", labeled split from the checkpoint" if cfg.labeled_split_file == saved_split else ""))
     checkpoint = partial(save_checkpoint, accelerator, cfg.output_dir, state, ema, generator,
@@ -692,6 +698,7 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
                                  resume_step=state.step if resume_path is not None else None)
                    if is_xla(device) and is_main else None)
     start_step = state.step
+    top_k = f"top-{min(5, data.num_classes)}"  # what "top5" measures with fewer than five classes
 
     labeled_iter = endless(labeled_loader, "labeled", state, accelerator)
     unlabeled_iter = endless(unlabeled_loader, "unlabeled", state, accelerator)
@@ -803,7 +810,7 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
             stopping = stop.signum is not None if world == 1 else logging and _any_process(accelerator, stop)
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step != cfg.max_train_steps and not stopping:
                 result = run_eval(step)
-                accelerator.print(f"step {step}: EMA top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}")
+                accelerator.print(f"step {step}: EMA top-1 {result['top1']:.2f}  {top_k} {result['top5']:.2f}")
             if (cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0) or stopping:
                 if not safe_to_save():
                     raise nonfinite(step)
@@ -839,7 +846,7 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
         write_plots(cfg.output_dir)  # training_curves.png, per_class.png
     metrics.close()
     accelerator.end_training()
-    accelerator.print(f"final EMA model: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}% "
+    accelerator.print(f"final EMA model: top-1 {result['top1']:.2f}%  {top_k} {result['top5']:.2f}% "
                       f"on {result['num_eval']} {data.eval_split} images -> {cfg.output_dir}")
     accelerator.print("per class top-1: " + ", ".join(
         f"{name} {'-' if acc is None else f'{acc:.1f}'}" for name, acc in zip(data.class_names, result["per_class"])))

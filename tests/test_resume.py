@@ -160,6 +160,17 @@ def test_checkpoint_of_another_model_is_a_clear_error(finished):
     assert_one_line_error(result, "--resume_from_checkpoint", "cannot load")
 
 
+def test_a_checkpoint_without_its_labeled_split_is_a_clear_error(finished):
+    (finished / "checkpoints" / "step_2" / "labeled_split.json").unlink()  # never redrawn from today's flags
+    result = run_train(QUICK + ["--max_train_steps", 4, "--output_dir", finished, "--resume_from_checkpoint", "latest"])
+    assert_one_line_error(result, "--resume_from_checkpoint", "step_2", "has no labeled_split.json")
+
+
+def test_resuming_past_max_train_steps_is_a_clear_error(finished):
+    result = run_train(QUICK + ["--max_train_steps", 1, "--output_dir", finished, "--resume_from_checkpoint", "latest"])
+    assert_one_line_error(result, "--resume_from_checkpoint", "is at step 2, past --max_train_steps 1")
+
+
 class Payload:
     def __init__(self, marker):
         self.marker = marker
