@@ -369,6 +369,9 @@ def save_labeled_split(path: str, indices: List[int], cfg, data: SplitData) -> N
         per_class={name: int(np.sum(labels == c)) for c, name in enumerate(data.class_names)},
         indices=indices,
     )
+    if cfg.labeled_split_file is not None:  # read, not drawn now: keep the seed that drew it
+        with open(cfg.labeled_split_file) as f:
+            record.update(seed=json.load(f).get("seed"), labeled_split_file=cfg.labeled_split_file)
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
 

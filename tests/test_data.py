@@ -49,8 +49,11 @@ def test_split_saved_and_reloaded(tmp_path):
     saved = json.loads(path.read_text())
     assert saved["indices"] == idx and saved["seed"] == 3
     assert set(saved["per_class"].values()) == {3}
-    again = labeled_split(TrainConfig(dataset_name="digits", labeled_split_file=str(path), seed=99), data)
+    reused = TrainConfig(dataset_name="digits", labeled_split_file=str(path), seed=99)
+    again = labeled_split(reused, data)
     assert again == idx
+    save_labeled_split(str(tmp_path / "again.json"), again, reused, data)  # records who drew it, not today's seed
+    assert json.loads((tmp_path / "again.json").read_text())["seed"] == 3
 
 
 def test_bad_split_file(tmp_path):
