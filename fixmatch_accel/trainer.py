@@ -32,7 +32,7 @@ from .errors import UsageError
 from .evaluate import evaluate
 from .fixmatch import fixmatch_loss
 from .models import create_model
-from .streaming import StreamImages, StreamLoader, batches_per_pass, unlabeled_stream
+from .streaming import StreamImages, StreamLoader, batches_per_pass, fetch_rows, unlabeled_stream
 from .xla import PaddedToMultiple, XlaMetricsLog, give_loader_dataset, is_xla, load_models_on_host, padded_collate
 from .xla import sync as xla_sync
 
@@ -428,11 +428,15 @@ def _summarise(sums: Dict[str, torch.Tensor], steps: int, accelerator) -> Dict:
     )
 
 
-def check_bad_images(count: int, read: int, example: str, max_fraction: float) -> None:
-    """Stop when more than --max_bad_image_fraction of the images read could not be decoded."""
+def check_bad_images(count: int, read: int, example, max_fraction: float) -> None:
+    """Stop when more than --max_bad_image_fraction of the images read could not be decoded.
+
+    `example` names one of them: a string, or a function called only when stopping (naming
+    a stream's image means reading its shard again).
+    """
     if count > max_fraction * max(read, 1):
         raise UsageError(f"{count} of {read} images read could not be decoded ({count / max(read, 1):.2%} > "
-                         f"--max_bad_image_fraction {max_fraction}), e.g. {example}")
+                         f"--max_bad_image_fraction {max_fraction}), e.g. {example() if callable(example) else example}")
 
 
 def num_workers(cfg: TrainConfig) -> int:
@@ -713,9 +717,14 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
     def report_bad(row: int, read: int) -> None:
         """Name one unreadable image of the window; stop when too many of those read were bad."""
         total = len(bad_images) + state.bad_images
-        example = (f"position {row} of the {cfg.train_split!r} stream" if data.streaming
-                   else image_name(data.train[row][data.image_column], row))
-        check_bad_images(total, images_checked + read, example, cfg.max_bad_image_fraction)
+        if not data.streaming:
+            example = image_name(data.train[row][data.image_column], row)
+            check_bad_images(total, images_checked + read, example, cfg.max_bad_image_fraction)
+        else:
+            example = f"position {row} of the {cfg.train_split!r} stream"
+            check_bad_images(total, images_checked + read, lambda: image_name(
+                fetch_rows(data.train, data.shard_sizes, [row])[0][data.image_column], row),
+                cfg.max_bad_image_fraction)
         accelerator.print(f"skipped {total} unreadable image(s) so far, e.g. {example}")
 
     def safe_to_save() -> bool:

@@ -232,11 +232,15 @@ def test_bad_images_are_skipped_counted_and_reported(tmp_path, mixed_folders, ex
     assert "unreadable image" in result.stdout
 
 
-def test_too_many_bad_images_stop_with_a_named_file(tmp_path, mixed_folders):
-    # Decoding the train split up front (the in-memory cache) finds 2 bad of 128 read: over the default 1%.
+@pytest.mark.parametrize("extra", [
+    # decoding the train split up front (the in-memory cache) finds 2 bad of 128 read: over the default 1%
+    ["--augment_device", "accelerator", "--cache_decoded"],
+    # a stream finds them while training; its error reads the shard again to name the file
+    ["--augment_device", "cpu", "--streaming"],
+])
+def test_too_many_bad_images_stop_with_a_named_file(tmp_path, mixed_folders, extra):
     result = run_train(["--train_dir", mixed_folders / "train", "--validation_dir", mixed_folders / "val",
-                        "--output_dir", tmp_path / "run", "--augment_device", "accelerator", "--cache_decoded",
-                        "--dataloader_num_workers", "0", *MIXED])
+                        "--output_dir", tmp_path / "run", "--dataloader_num_workers", "0", *extra, *MIXED])
     assert result.returncode == 2 and "Traceback" not in result.stderr
     error = [line for line in result.stderr.splitlines() if line.startswith("fixmatch-train: error:")]
     assert len(error) == 1 and "could not be decoded" in error[0] and "--max_bad_image_fraction 0.01" in error[0]
