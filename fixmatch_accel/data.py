@@ -264,7 +264,8 @@ def _encode_labels(train, evaluation, label_col: str):
     return encode(train), encode(evaluation)
 
 
-def select_labeled(labels: Sequence[int], num_labeled: int, num_classes: int, seed: int) -> List[int]:
+def select_labeled(labels: Sequence[int], num_labeled: int, num_classes: int, seed: int,
+                   names: Optional[Sequence[str]] = None) -> List[int]:
     """Indices of num_labeled examples, num_labeled / num_classes from each class, drawn with `seed`."""
     if num_labeled % num_classes:
         raise UsageError(f"--num_labeled {num_labeled} is not a multiple of the number of classes ({num_classes})")
@@ -277,7 +278,7 @@ def select_labeled(labels: Sequence[int], num_labeled: int, num_classes: int, se
         if len(members) < per_class:
             raise UsageError(
                 f"--num_labeled {num_labeled} needs {per_class} examples of each class, "
-                f"but class {c} has only {len(members)}"
+                f"but class {c if names is None else repr(names[c])} has only {len(members)}"
             )
         chosen.append(rng.choice(members, size=per_class, replace=False))
     return sorted(int(i) for i in np.concatenate(chosen))
@@ -286,7 +287,7 @@ def select_labeled(labels: Sequence[int], num_labeled: int, num_classes: int, se
 def labeled_split(cfg, data: SplitData) -> List[int]:
     """The labeled indices: read from --labeled_split_file, else drawn class-balanced."""
     if cfg.labeled_split_file is None:
-        return select_labeled(data.train_labels, cfg.num_labeled, data.num_classes, cfg.seed)
+        return select_labeled(data.train_labels, cfg.num_labeled, data.num_classes, cfg.seed, data.class_names)
     path = cfg.labeled_split_file
     try:
         with open(path) as f:
@@ -339,7 +340,10 @@ def labeled_examples(cfg, data: SplitData, indices: List[int]):
                 raise UsageError(f"--labeled_split_file {cfg.labeled_split_file!r}: no labeled image can be decoded")
             continue
         labels[[i for i, _, _ in found]] = -1  # no longer a member of any class
-        indices = select_labeled(labels, cfg.num_labeled, data.num_classes, cfg.seed)
+        try:
+            indices = select_labeled(labels, cfg.num_labeled, data.num_classes, cfg.seed, data.class_names)
+        except UsageError as e:
+            raise UsageError(f"{e} readable images ({len(bad)} left out, e.g. {bad[0][1]}: {bad[0][2]})") from None
 
 
 def _labeled_rows(data: SplitData, fetched: List[Dict]):

@@ -1,5 +1,6 @@
 """Data at scale: streaming, exact sharding, decoding any image, skipping bad ones."""
 
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -258,12 +259,16 @@ def test_a_bad_labeled_image_is_redrawn_in_its_class(tmp_path):
     idx, rows, bad = labeled_examples(cfg, load_data(cfg), first)
     assert [b[0] for b in bad] == [victim] and victim not in idx and len(idx) == 15
     assert sorted(np.bincount(rows["label"])) == [5, 5, 5]  # still class-balanced
+    every = dataclasses.replace(cfg, num_labeled=18)  # all six of each class: the bad one cannot be replaced
+    with pytest.raises(UsageError, match=r"needs 6 examples of each class, but class '(cat|dog|frog)' has only 5 "
+                                         r"readable images \(1 left out, e.g. .*\(row \d+\): "):
+        labeled_examples(every, data, labeled_split(every, load_data(every)))
 
 
 # ---- Clear errors.
 
 def test_streaming_errors_are_one_line(tmp_path, parquet_dir):
-    with pytest.raises(UsageError, match="--num_labeled 300 needs 100 examples of each class, but class 0 has only 67"):
+    with pytest.raises(UsageError, match="--num_labeled 300 needs 100 examples of each class, but class 'a' has only 67"):
         data = load_data(TrainConfig(dataset_name=str(parquet_dir), streaming=True))
         labeled_split(TrainConfig(num_labeled=300), data)
     with pytest.raises(UsageError, match=r"--train_split 'unlabeled': no such split \(splits: train, test\)"):
