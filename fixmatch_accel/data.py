@@ -186,10 +186,6 @@ def load_data(cfg, show_progress: bool = False) -> SplitData:
             train = train.select(range(min(cfg.max_train_samples, len(train))))
         class_names = list(train.features[label_col].names)
         train_values, eval_values = train[label_col], evaluation[label_col]
-    source = "--train_dir" if cfg.train_dir else "--dataset_name"
-    if len(class_names) < 2:
-        raise UsageError(f"{source} {cfg.train_dir or cfg.dataset_name!r}: the label column {label_col!r} has "
-                         f"{len(class_names)} class(es) ({', '.join(class_names)}); FixMatch needs at least 2")
     train_labels, eval_labels = np.asarray(train_values, dtype=np.int64), np.asarray(eval_values, dtype=np.int64)
     for split, values in ((cfg.train_split, train_labels), (eval_split, eval_labels)):
         outside = np.flatnonzero((values < 0) | (values >= len(class_names)))
@@ -213,8 +209,8 @@ def _check_classes(cfg, class_names: List[str], train_labels: np.ndarray, eval_l
     limited = f" (its first {cfg.max_train_samples} rows, --max_train_samples)" if cfg.max_train_samples else ""
     if len(in_train) < 2:
         source = f"--train_dir {cfg.train_dir!r}" if cfg.train_dir else f"--train_split {cfg.train_split!r}"
-        raise UsageError(f"{source}{limited} has {len(in_train)} class(es) ({names(in_train)}); "
-                         "FixMatch needs at least 2 (an image folder: one subfolder per class)")
+        raise UsageError(f"{source}{limited} has {len(in_train)} class(es) ({names(in_train)}); FixMatch needs at "
+                         f"least 2{' (one subfolder per class)' if cfg.train_dir else ''}")
     eval_only = set(np.unique(eval_labels).tolist()) - in_train
     if eval_only:
         where = (f"--validation_dir {cfg.validation_dir!r}: class folder(s)" if cfg.train_dir

@@ -717,14 +717,14 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
     def report_bad(row: int, read: int) -> None:
         """Name one unreadable image of the window; stop when too many of those read were bad."""
         total = len(bad_images) + state.bad_images
-        if not data.streaming:
-            example = image_name(data.train[row][data.image_column], row)
-            check_bad_images(total, images_checked + read, example, cfg.max_bad_image_fraction)
-        else:
+        if data.streaming:
             example = f"position {row} of the {cfg.train_split!r} stream"
-            check_bad_images(total, images_checked + read, lambda: image_name(
-                fetch_rows(data.train, data.shard_sizes, [row])[0][data.image_column], row),
-                cfg.max_bad_image_fraction)
+
+            def named():  # its file: the shard read again, only when stopping
+                return image_name(fetch_rows(data.train, data.shard_sizes, [row])[0][data.image_column], row)
+        else:
+            example = named = image_name(data.train[row][data.image_column], row)
+        check_bad_images(total, images_checked + read, named, cfg.max_bad_image_fraction)
         accelerator.print(f"skipped {total} unreadable image(s) so far, e.g. {example}")
 
     def safe_to_save() -> bool:
