@@ -309,8 +309,6 @@ def labeled_examples(cfg, data: SplitData, indices: List[int]):
     stays class-balanced; a split from --labeled_split_file drops them. Returns
     (indices, datasets.Dataset of those rows in the same order, [(index, name, reason)] of bad images).
     """
-    from datasets import Dataset
-
     labels = data.train_labels.copy()
     bad: List = []
     while True:
