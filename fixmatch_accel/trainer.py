@@ -422,7 +422,7 @@ def _summarise(sums: Dict[str, torch.Tensor], steps: int, accelerator) -> Dict:
     return dict(
         loss=loss / n, loss_x=loss_x / n, loss_u=loss_u / n,
         mask_ratio=masked / max(unlabeled, 1.0),
-        pseudo_label_acc=correct / max(masked, 1.0),
+        pseudo_label_acc=correct / masked if masked else None,  # no confident image in the window: no accuracy
         mask_per_class=[int(c) for c in flat[len(SUMMED) + 1:]],
         bad_images=int(bad),
     )
@@ -804,13 +804,14 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
                            skipped_steps=state.skipped, skipped_images=len(bad_images) + state.bad_images,
                            **{k: v for k, v in row.items() if k != "bad_images"})
                 metrics.write(row)
+                pl_acc = "-" if row["pseudo_label_acc"] is None else f"{row['pseudo_label_acc']:.3f}"
                 if bar_on:
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", mask=f"{row['mask_ratio']:.2f}",
-                                    pl_acc=f"{row['pseudo_label_acc']:.2f}", img_s=f"{row['images_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", mask=f"{row['mask_ratio']:.2f}", pl_acc=pl_acc,
+                                    img_s=f"{row['images_per_s']:.0f}")
                 else:
                     accelerator.print(f"step {step}/{cfg.max_train_steps} loss {row['loss']:.4f} "
                                       f"loss_u {row['loss_u']:.4f} mask {row['mask_ratio']:.3f} "
-                                      f"pl_acc {row['pseudo_label_acc']:.3f} lr {row['lr']:.5f} "
+                                      f"pl_acc {pl_acc} lr {row['lr']:.5f} "
                                       f"img/s {row['images_per_s']:.0f}", flush=True)
                 sums, window_steps, window_start = zero_sums(), 0, time.perf_counter()
                 if xla_metrics is not None:  # after the window's reset, so the row holds all of this step's graphs
