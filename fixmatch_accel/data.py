@@ -201,6 +201,11 @@ def load_data(cfg, show_progress: bool = False) -> SplitData:
 def _check_classes(cfg, class_names: List[str], train_labels: np.ndarray, eval_labels: np.ndarray,
                    eval_split: str) -> None:
     """The train split must hold two classes or more, and every class the eval split holds."""
+    if cfg.train_dir is not None:  # a folder the builder found no image in would silently not be a class
+        empty = [d.name for d in os.scandir(cfg.train_dir) if d.is_dir() and not d.name.startswith(".")
+                 and d.name not in class_names]
+        if empty:
+            raise UsageError(f"--train_dir {cfg.train_dir!r}: class folder(s) {', '.join(sorted(empty))} hold no images")
     in_train = set(np.unique(train_labels).tolist())
 
     def names(ids) -> str:

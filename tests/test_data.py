@@ -158,6 +158,11 @@ def test_validation_folder_classes_are_checked_against_train(tmp_path, streaming
                                          r"whose classes are cat, dog, frog"):
         load_data(TrainConfig(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "val"),
                               streaming=streaming))
+    (tmp_path / "train" / "owl").mkdir()  # no image: it would vanish from the model's classes
+    (tmp_path / "train" / "owl" / "notes.txt").write_text("to do")
+    with pytest.raises(UsageError, match=r"--train_dir '.*train': class folder\(s\) owl hold no images"):
+        load_data(TrainConfig(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "val"),
+                              streaming=streaming))
     write_image_folder(tmp_path / "one", classes=("cat",), per_class=2)
     with pytest.raises(UsageError, match=r"--train_dir '.*one' has 1 class\(es\) \(cat\); FixMatch needs at least 2"):
         load_data(TrainConfig(train_dir=str(tmp_path / "one"), validation_dir=str(tmp_path / "val"),
