@@ -537,6 +537,7 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
                              "labeled examples are unknown; name them with --labeled_split_file")
         # A resumed run trains on the labels it started with, whatever --seed or --num_labeled say now.
         cfg = dataclasses.replace(cfg, labeled_split_file=saved_split)
+        sources = dict(sources or {}, labeled_split_file="checkpoint")
     accelerator = _make_accelerator(cfg)
     if cfg.compile and is_xla(accelerator.device):
         raise UsageError("--compile (torch.compile) is not for XLA devices: there every training step is already "

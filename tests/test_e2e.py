@@ -91,6 +91,9 @@ def test_resume_continues_and_refuses_to_clobber(tmp_path):
                                        "--resume_from_checkpoint", "latest"])
     check_ok(resumed)
     assert "resumed from" in resumed.stdout and "step_4" in resumed.stdout
+    resumed_cfg = json.loads((out / "config.json").read_text())
+    assert resumed_cfg["setting_sources"]["labeled_split_file"] == "checkpoint"
+    assert resumed_cfg["settings"]["labeled_split_file"].endswith("step_4/labeled_split.json")
     train_rows, _ = read_metrics(out)
     assert [r["step"] for r in train_rows] == [2, 4, 6, 8]
     assert (out / "checkpoints" / "step_6").is_dir()
