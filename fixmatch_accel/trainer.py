@@ -236,6 +236,13 @@ def save_checkpoint(accelerator, output_dir: str, state: TrainState, ema: ModelE
 
 def load_checkpoint(accelerator, path: str, state: TrainState, ema: ModelEMA, generator: torch.Generator) -> None:
     """Restore a checkpoint written by save_checkpoint; any problem is one clear line."""
+    rank = accelerator.process_index
+    # Named here: accelerate reports a missing model.safetensors as a missing pytorch_model.bin.
+    missing = [f for f in ("trainer_state.json", "model.safetensors", "optimizer.bin", "scheduler.bin",
+                           "ema.safetensors", f"random_states_{rank}.pkl", f"generator_{rank}.safetensors")
+               if not os.path.exists(os.path.join(path, f))]
+    if missing:
+        raise UsageError(f"--resume_from_checkpoint {path!r}: cannot load it (missing {', '.join(missing)})")
     try:
         with open(os.path.join(path, "trainer_state.json")) as f:
             saved = json.load(f)
@@ -243,10 +250,10 @@ def load_checkpoint(accelerator, path: str, state: TrainState, ema: ModelEMA, ge
         # accelerate's numpy allow-list) so a bad or hostile file is an error, not a silently inexact resume.
         from accelerate.utils.other import load as weights_only_load
 
-        weights_only_load(os.path.join(path, f"random_states_{accelerator.process_index}.pkl"))
+        weights_only_load(os.path.join(path, f"random_states_{rank}.pkl"))
         accelerator.load_state(path)  # model, optimizer, scheduler, RNGs: weights_only / safetensors
         ema.module.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
-        generator.set_state(load_file(os.path.join(path, f"generator_{accelerator.process_index}.safetensors"))["state"])
+        generator.set_state(load_file(os.path.join(path, f"generator_{rank}.safetensors"))["state"])
         state.step = int(saved["step"])
         state.skipped = int(saved.get("skipped", 0))
         state.bad_images = int(saved.get("bad_images", 0))

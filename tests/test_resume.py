@@ -154,6 +154,12 @@ def test_truncated_checkpoint_is_a_clear_error(finished):
     assert_one_line_error(result, "--resume_from_checkpoint", "step_2", "cannot load")
 
 
+def test_a_missing_checkpoint_file_is_named(finished):
+    (finished / "checkpoints" / "step_2" / "model.safetensors").unlink()
+    result = run_train(QUICK + ["--max_train_steps", 4, "--output_dir", finished, "--resume_from_checkpoint", "latest"])
+    assert_one_line_error(result, "--resume_from_checkpoint", "cannot load it (missing model.safetensors)")
+
+
 def test_checkpoint_of_another_model_is_a_clear_error(finished):
     result = run_train(QUICK + ["--max_train_steps", 4, "--output_dir", finished, "--resume_from_checkpoint", "latest",
                                 "--model", "resnet10t"])
