@@ -159,17 +159,20 @@ def plot_training_curves(path: str, train_rows: List[Dict], eval_rows: List[Dict
     ax.set_ylim(-2, 102)
     if not _line(ax, train_rows, "pseudo_label_acc", scale=100.0, color="tab:green"):
         _empty(ax, "no training rows yet")
+    elif all(r.get("pseudo_label_acc") is None for r in train_rows):  # null: no confident image in the window
+        _empty(ax, "no image has passed the threshold yet")
 
     ax = axes[3]
     ax.set_title("EMA model accuracy on the eval split")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(-2, 102)
     if _line(ax, eval_rows, "top1", "top-1", color="tab:blue"):
-        _line(ax, eval_rows, "top5", "top-5", color="tab:orange", linestyle="--")
+        k = min(5, config.get("num_classes") or 5)  # top5 is top-k with fewer than five classes
+        _line(ax, eval_rows, "top5", f"top-{k}", color="tab:orange", linestyle="--")
         last = eval_rows[-1]
         ax.annotate(f"{last['top1']:.2f}%", (last["step"], last["top1"]), textcoords="offset points",
                     xytext=(-4, -14), ha="right", color="tab:blue")
-        ax.legend(loc="lower right")
+        ax.legend(loc="best")  # a fixed corner hid early low-accuracy points
     else:
         _empty(ax, "no evaluation yet")
 

@@ -132,6 +132,21 @@ def test_plot_cli_bad_folder_is_one_line(tmp_path, capsys, folder, message):
     assert len(lines) == 1 and lines[0].startswith("fixmatch-plot: error:") and message in lines[0]
 
 
+def test_a_run_without_confident_pseudo_labels_says_so(tmp_path, monkeypatch):
+    import fixmatch_accel.plot as plot
+
+    run = fabricate_run(tmp_path / "run")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        if "pseudo_label_acc" in row:
+            row["pseudo_label_acc"] = None  # as the trainer logs a window where nothing passed the threshold
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    said = []
+    monkeypatch.setattr(plot, "_empty", lambda ax, text: said.append(text))
+    write_plots(str(run))
+    assert said == ["no image has passed the threshold yet"]
+
+
 def test_write_plots_on_an_empty_log_is_a_usage_error(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(UsageError, match="holds no rows yet"):
