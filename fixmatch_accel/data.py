@@ -142,11 +142,6 @@ def load_data(cfg, show_progress: bool = False) -> SplitData:
         raise UsageError(f"--dataset_name {cfg.dataset_name!r}: the stream does not declare its features; "
                          "load it without --streaming or give it typed columns (Image, ClassLabel)")
     image_col = _pick_column(features, "image_column_name", cfg.image_column_name, Image, "Image")
-    if cfg.train_dir is not None and cfg.label_column_name is None and "label" not in features:
-        # datasets gives an image folder a label column only when it holds two or more class folders.
-        folders = sorted(d.name for d in os.scandir(cfg.train_dir) if d.is_dir())
-        raise UsageError(f"--train_dir {cfg.train_dir!r}: has {len(folders)} class(es) ({', '.join(folders)}); "
-                         "FixMatch needs at least 2 (one subfolder per class)")
     label_col = _pick_column(features, "label_column_name", cfg.label_column_name, ClassLabel, "ClassLabel")
     if not isinstance(features[image_col], Image):
         raise UsageError(f"--image_column_name {image_col!r} holds {features[image_col]}, not images")

@@ -281,6 +281,15 @@ def _resolve_resume(cfg: TrainConfig) -> Optional[str]:
     return cfg.resume_from_checkpoint
 
 
+def _saved_step(path: str) -> int:
+    """The step a checkpoint was saved at; -1 when unreadable (load_checkpoint then says why)."""
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            return int(json.load(f)["step"])
+    except Exception:
+        return -1
+
+
 def _check_output_dir(cfg: TrainConfig, resuming: bool) -> bool:
     """Whether a new run replaces the run in --output_dir (with --overwrite_output_dir); refuse without it."""
     present = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.output_dir, f))]
@@ -537,6 +546,9 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
         raise UsageError(str(e)) from None
     resume_path = _resolve_resume(cfg)
     replacing = _check_output_dir(cfg, resuming=resume_path is not None)
+    if resume_path is not None and (saved_step := _saved_step(resume_path)) > cfg.max_train_steps:  # before any data
+        raise UsageError(f"--resume_from_checkpoint {resume_path!r} is at step {saved_step}, past "
+                         f"--max_train_steps {cfg.max_train_steps}")
     saved_split = resume_path and os.path.join(resume_path, "labeled_split.json")
     if saved_split and cfg.labeled_split_file is None:
         if not os.path.exists(saved_split):  # never a silent redraw from today's flags
@@ -637,9 +649,6 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
         cfg.seed * 1_000_003 + accelerator.process_index)
     if resume_path is not None:
         load_checkpoint(accelerator, resume_path, state, ema, generator)
-        if state.step > cfg.max_train_steps:
-            raise UsageError(f"--resume_from_checkpoint {resume_path!r} is at step {state.step}, past "
-                             f"--max_train_steps {cfg.max_train_steps}")
         accelerator.print(f"resumed from {resume_path} at step {state.step}"
                           + (", labeled split from the checkpoint" if cfg.labeled_split_file == saved_split else ""))
     checkpoint = partial(save_checkpoint, accelerator, cfg.output_dir, state, ema, generator,
