@@ -287,7 +287,8 @@ def labeled_split(cfg, data: SplitData) -> List[int]:
     path = cfg.labeled_split_file
     try:
         with open(path) as f:
-            indices = json.load(f)["indices"]
+            record = json.load(f)
+        indices = record["indices"]
     except FileNotFoundError:
         raise UsageError(f"--labeled_split_file {path!r}: no such file") from None
     except (json.JSONDecodeError, KeyError, TypeError):
@@ -299,6 +300,14 @@ def labeled_split(cfg, data: SplitData) -> List[int]:
     repeated = [i for i, count in Counter(indices).items() if count > 1]
     if repeated:
         raise UsageError(f"--labeled_split_file {path!r}: index {repeated[0]} appears more than once")
+    saved = record.get("per_class")
+    if isinstance(saved, dict):  # a file we wrote: its indices must still hold the labels it counted
+        labels = data.train_labels[indices]
+        found = {name: int(np.sum(labels == c)) for c, name in enumerate(data.class_names)}
+        if {k: v for k, v in found.items() if v} != {k: v for k, v in saved.items() if v}:
+            raise UsageError(f"--labeled_split_file {path!r}: its indices hold other labels in this data than when "
+                             f"it was saved (per class then {saved}, now {found}); was it made for another dataset, "
+                             f"train split or --max_train_samples?")
     return sorted(int(i) for i in indices)  # the order a drawn split has (and a stream's rows are fetched in)
 
 

@@ -69,6 +69,14 @@ def test_bad_split_file(tmp_path):
         labeled_split(TrainConfig(labeled_split_file=str(bad)), data)
     bad.write_text('{"indices": [7, 0, 3]}')  # a hand-written file's order: the rows are read sorted
     assert labeled_split(TrainConfig(labeled_split_file=str(bad)), data) == [0, 3, 7]
+    # a saved split whose indices hold other labels here: made for other data
+    save_labeled_split(str(bad), [0, 3, 7], TrainConfig(dataset_name="digits"), data)
+    record = json.loads(bad.read_text())
+    assert labeled_split(TrainConfig(labeled_split_file=str(bad)), data) == [0, 3, 7]
+    record["indices"] = [1, 3, 7]
+    bad.write_text(json.dumps(record))
+    with pytest.raises(UsageError, match="--labeled_split_file .*: its indices hold other labels in this data"):
+        labeled_split(TrainConfig(labeled_split_file=str(bad)), data)
 
 
 def test_columns_detected_on_cifar10(cifar10_path):
