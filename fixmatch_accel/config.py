@@ -9,6 +9,7 @@ value came from.
 import argparse
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -260,7 +261,7 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[TrainConfig, Dict[str,
         _print_presets()
         raise SystemExit(0)
     layers = [
-        (f"preset:{preset}", load_preset(preset) if preset else {}),
+        (f"preset:{preset}", load_preset(preset) if preset is not None else {}),
         (f"file:{given.get('config')}", from_file),
         ("flag", given),
     ]
@@ -287,6 +288,18 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[TrainConfig, Dict[str,
 
 def validate(cfg: TrainConfig) -> None:
     """Reject settings that cannot work, naming the flag."""
+    for f in dataclasses.fields(TrainConfig):  # nan and inf pass every comparison below, or fail far from here
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{f.name} must be a finite number, got {value}")
+    if cfg.learning_rate < 0:
+        raise UsageError(f"--learning_rate must be non-negative, got {cfg.learning_rate}")
+    if not 0.0 <= cfg.momentum < 1.0:
+        raise UsageError(f"--momentum must be in [0, 1), got {cfg.momentum}")
+    if not 0 <= cfg.seed < 2**32:
+        raise UsageError(f"--seed must be in [0, 2**32), got {cfg.seed}")
+    if not cfg.output_dir:
+        raise UsageError("--output_dir must name a folder, got ''")
     positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "mu", "max_train_steps", "logging_steps", "num_labeled", "ddp_timeout"]
     for name in positive:
         if getattr(cfg, name) < 1:

@@ -97,10 +97,16 @@ def _load_raw(cfg, streaming: bool = False):
         if streaming:  # four shards, so that the streaming path can be tried on it
             return IterableDatasetDict({k: v.to_iterable_dataset(num_shards=4) for k, v in digits.items()})
         return digits
-    if name.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(name)):
+    path = os.path.expanduser(name)
+    # a path, not a hub id: it starts like one, or its first part is a folder here
+    local = name.startswith(("/", "./", "../", "~")) or ("/" in name and os.path.isdir(name.split("/")[0]))
+    if local and not os.path.exists(path):
         raise UsageError(f"--dataset_name {name!r}: no such folder")
+    if os.path.isfile(path):
+        raise UsageError(f"--dataset_name {name!r} is a file: give the folder that holds the dataset's files "
+                         "(its train and validation/test splits)")
     try:
-        return load_dataset(os.path.expanduser(name), cfg.dataset_config_name, streaming=streaming)
+        return load_dataset(path, cfg.dataset_config_name, streaming=streaming)
     except (FileNotFoundError, ConnectionError, ValueError) as e:
         raise UsageError(f"--dataset_name {name!r}: {str(e).splitlines()[0]}") from None
 
@@ -280,32 +286,40 @@ def select_labeled(labels: Sequence[int], num_labeled: int, num_classes: int, se
     return sorted(int(i) for i in np.concatenate(chosen))
 
 
-def labeled_split(cfg, data: SplitData) -> List[int]:
-    """The labeled indices: read from --labeled_split_file, else drawn class-balanced."""
+def labeled_split(cfg, data: SplitData, source: Optional[str] = None) -> List[int]:
+    """The labeled indices: read from --labeled_split_file, else drawn class-balanced.
+
+    `source` names the file in errors when it is not the user's flag (a checkpoint's split).
+    """
     if cfg.labeled_split_file is None:
         return select_labeled(data.train_labels, cfg.num_labeled, data.num_classes, cfg.seed, data.class_names)
     path = cfg.labeled_split_file
+    where = source or f"--labeled_split_file {path!r}"
     try:
         with open(path) as f:
             record = json.load(f)
         indices = record["indices"]
     except FileNotFoundError:
-        raise UsageError(f"--labeled_split_file {path!r}: no such file") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise UsageError(f"--labeled_split_file {path!r}: not a labeled_split.json (needs an 'indices' list)") from None
+        raise UsageError(f"{where}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise UsageError(f"{where}: not a labeled_split.json (needs an 'indices' list)") from None
+    except OSError as e:  # a folder, unreadable
+        raise UsageError(f"{where}: cannot read it ({e.strerror})") from None
+    if not isinstance(indices, list):
+        raise UsageError(f"{where}: not a labeled_split.json (needs an 'indices' list)")
     n = data.num_train
     bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < n]
     if bad or not indices:
-        raise UsageError(f"--labeled_split_file {path!r}: indices must be integers in [0, {n}), got e.g. {bad[:3] or indices}")
+        raise UsageError(f"{where}: indices must be integers in [0, {n}), got e.g. {bad[:3] or indices}")
     repeated = [i for i, count in Counter(indices).items() if count > 1]
     if repeated:
-        raise UsageError(f"--labeled_split_file {path!r}: index {repeated[0]} appears more than once")
+        raise UsageError(f"{where}: index {repeated[0]} appears more than once")
     saved = record.get("per_class")
     if isinstance(saved, dict):  # a file we wrote: its indices must still hold the labels it counted
         labels = data.train_labels[indices]
         found = {name: int(np.sum(labels == c)) for c, name in enumerate(data.class_names)}
         if {k: v for k, v in found.items() if v} != {k: v for k, v in saved.items() if v}:
-            raise UsageError(f"--labeled_split_file {path!r}: its indices hold other labels in this data than when "
+            raise UsageError(f"{where}: its indices hold other labels in this data than when "
                              f"it was saved (per class then {saved}, now {found}); was it made for another dataset, "
                              f"train split or --max_train_samples?")
     return sorted(int(i) for i in indices)  # the order a drawn split has (and a stream's rows are fetched in)

@@ -132,6 +132,8 @@ def dataset_inputs(args) -> Inputs:
     dataset = raw[split]
     features = dataset.features
     image_col = _pick_column(features, "image_column_name", args.image_column_name, Image, "Image")
+    if not isinstance(features[image_col], Image):
+        raise UsageError(f"--image_column_name {image_col!r} holds {features[image_col]}, not images")
     if args.label_column_name is not None:
         label_col = _pick_column(features, "label_column_name", args.label_column_name, ClassLabel, "ClassLabel")
     else:  # optional here: predictions need no labels
@@ -143,7 +145,9 @@ def dataset_inputs(args) -> Inputs:
     labels = [None] * len(dataset)
     if label_col is not None:
         feature = features[label_col]
-        labels = [None if v is None else feature.int2str(v) if isinstance(feature, ClassLabel) else str(v)
+        # ClassLabel -1 (and None) is datasets' "no label", as in hidden-label test splits
+        labels = [None if v is None or (isinstance(feature, ClassLabel) and v < 0)
+                  else feature.int2str(v) if isinstance(feature, ClassLabel) else str(v)
                   for v in dataset[label_col]]
     return Inputs(_Column(dataset, image_col), [str(i) for i in range(len(dataset))], labels)
 
@@ -249,10 +253,14 @@ def run_predict(args) -> int:
         raise UsageError("give exactly one input: image files, --image_dir or --dataset_name")
     if args.batch_size < 1 or args.num_workers < 0:
         raise UsageError("--batch_size must be at least 1 and --num_workers at least 0")
+    if args.max_samples is not None and args.max_samples < 1:
+        raise UsageError(f"--max_samples must be at least 1, got {args.max_samples}")
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        raise UsageError(f"--device {args.device!r}: {e}") from None
+        torch.empty(0, device=device)  # a device this machine lacks fails here, in one line
+    except (RuntimeError, AssertionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--device {args.device!r}: {first}") from None
     run = load_run_model(args.model_dir, device)
     if args.image_dir is not None:
         inputs = image_folder_inputs(args.image_dir, run.label_names)
@@ -263,6 +271,8 @@ def run_predict(args) -> int:
     output = args.output_file or os.path.join(args.model_dir, "predictions.csv")
     if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
         raise UsageError(f"--output_file {output!r}: its folder does not exist")
+    if os.path.isdir(output):
+        raise UsageError(f"--output_file {output!r} is a folder; name the CSV file to write")
 
     rows, skipped = predict(run, inputs, device, args.batch_size, args.num_workers)
     k = min(TOP_K, len(run.label_names))

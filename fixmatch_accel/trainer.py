@@ -64,6 +64,12 @@ def default_channels_last(device: torch.device) -> bool:
     return device.type in ("cuda", "cpu")
 
 
+def sync_device(device: torch.device) -> None:
+    """Wait for the work queued on a CUDA device (CPU work is done when queued; XLA waits when read)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def strong_view_in_step(device: torch.device) -> bool:
     """Whether the strong view is made inside the step function (compiled with it under --compile).
 
@@ -243,14 +249,29 @@ def load_checkpoint(accelerator, path: str, state: TrainState, ema: ModelEMA, ge
                if not os.path.exists(os.path.join(path, f))]
     if missing:
         raise UsageError(f"--resume_from_checkpoint {path!r}: cannot load it (missing {', '.join(missing)})")
+    from accelerate.utils.other import load as weights_only_load
+
+    def read_json(file):
+        with open(file) as f:
+            return json.load(f)
+
+    # Each file read once on its own first, so a truncated or hostile one is named. accelerate skips
+    # unreadable RNG states with only an info log: read here (weights_only, accelerate's numpy allow-list),
+    # they are an error, not a silently inexact resume.
+    readers = {"trainer_state.json": read_json, "model.safetensors": load_file, "ema.safetensors": load_file,
+               f"generator_{rank}.safetensors": load_file, f"random_states_{rank}.pkl": weights_only_load,
+               "optimizer.bin": partial(weights_only_load, map_location="cpu"),
+               "scheduler.bin": weights_only_load}
+    for name, read in readers.items():
+        try:
+            read(os.path.join(path, name))
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "empty or truncated"
+            raise UsageError(f"--resume_from_checkpoint {path!r}: cannot read {name} "
+                             f"({type(e).__name__}: {first[:300]})") from None
     try:
         with open(os.path.join(path, "trainer_state.json")) as f:
             saved = json.load(f)
-        # accelerate skips unreadable RNG states with only an info log; read them first (weights_only,
-        # accelerate's numpy allow-list) so a bad or hostile file is an error, not a silently inexact resume.
-        from accelerate.utils.other import load as weights_only_load
-
-        weights_only_load(os.path.join(path, f"random_states_{rank}.pkl"))
         accelerator.load_state(path)  # model, optimizer, scheduler, RNGs: weights_only / safetensors
         ema.module.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
         generator.set_state(load_file(os.path.join(path, f"generator_{rank}.safetensors"))["state"])
@@ -275,10 +296,14 @@ def _resolve_resume(cfg: TrainConfig) -> Optional[str]:
         path = latest_checkpoint(cfg.output_dir)
         if path is None:
             raise UsageError(f"--resume_from_checkpoint latest: no checkpoint under {cfg.output_dir}/checkpoints")
-        return path
-    if not os.path.isdir(cfg.resume_from_checkpoint):
-        raise UsageError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint!r}: no such folder")
-    return cfg.resume_from_checkpoint
+    else:
+        path = cfg.resume_from_checkpoint
+        if not os.path.isdir(path):
+            raise UsageError(f"--resume_from_checkpoint {path!r}: no such folder")
+    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        raise UsageError(f"--resume_from_checkpoint {path!r}: not a checkpoint (no trainer_state.json); "
+                         "checkpoints are OUTPUT_DIR/checkpoints/step_N")
+    return path
 
 
 def _saved_step(path: str) -> int:
@@ -290,15 +315,28 @@ def _saved_step(path: str) -> int:
         return -1
 
 
-def _check_output_dir(cfg: TrainConfig, resuming: bool) -> bool:
-    """Whether a new run replaces the run in --output_dir (with --overwrite_output_dir); refuse without it."""
+def _check_output_dir(cfg: TrainConfig, resume_path: Optional[str]) -> bool:
+    """Whether a new run replaces the run in --output_dir (with --overwrite_output_dir); refuse without it.
+
+    Resuming continues the run in --output_dir only from one of its own checkpoints; one of
+    another run's starts a new run here, which must not write over (or append to) a run found here.
+    """
+    if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
+        raise UsageError(f"--output_dir {cfg.output_dir!r} is a file, not a folder")
     present = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.output_dir, f))]
-    if present and not resuming and not cfg.overwrite_output_dir:
+    own = resume_path is not None and (os.path.dirname(os.path.realpath(resume_path))
+                                       == os.path.realpath(os.path.join(cfg.output_dir, "checkpoints")))
+    if own and cfg.overwrite_output_dir:
+        raise UsageError(f"--overwrite_output_dir with --resume_from_checkpoint {resume_path!r}: that checkpoint is "
+                         "this --output_dir's own run, which resuming continues; drop one of the two")
+    if present and not own and not cfg.overwrite_output_dir:
+        other = (f" and --resume_from_checkpoint {resume_path!r} is not one of its checkpoints"
+                 if resume_path is not None else "")
         raise UsageError(
-            f"--output_dir {cfg.output_dir!r} already holds a run ({', '.join(present)}): "
+            f"--output_dir {cfg.output_dir!r} already holds a run ({', '.join(present)}){other}: "
             "resume it with --resume_from_checkpoint latest, choose another --output_dir, or pass --overwrite_output_dir"
         )
-    return bool(present) and not resuming
+    return bool(present) and not own
 
 
 def set_aside_previous_run(output_dir: str) -> str:
@@ -545,7 +583,7 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
     except ValueError as e:
         raise UsageError(str(e)) from None
     resume_path = _resolve_resume(cfg)
-    replacing = _check_output_dir(cfg, resuming=resume_path is not None)
+    replacing = _check_output_dir(cfg, resume_path)
     if resume_path is not None and (saved_step := _saved_step(resume_path)) > cfg.max_train_steps:  # before any data
         raise UsageError(f"--resume_from_checkpoint {resume_path!r} is at step {saved_step}, past "
                          f"--max_train_steps {cfg.max_train_steps}")
@@ -558,18 +596,30 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
         cfg = dataclasses.replace(cfg, labeled_split_file=saved_split)
         sources = dict(sources or {}, labeled_split_file="checkpoint")
     accelerator = _make_accelerator(cfg)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # accelerate would run fp32
+        raise UsageError("--mixed_precision fp16 does not run on a CPU (accelerate trains in fp32 there); "
+                         "use bf16 or no")
     if cfg.compile and is_xla(accelerator.device):
         raise UsageError("--compile (torch.compile) is not for XLA devices: there every training step is already "
                          "traced and compiled as one graph; leave it out")
     is_main = accelerator.is_main_process
     bar_on = is_main and sys.stderr.isatty()  # progress bars on a terminal; plain lines in logs
     set_seed(cfg.seed)
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    try:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--output_dir {cfg.output_dir!r}: cannot create it ({e.strerror})") from None
 
     # ---- Data: splits, labeled subset, image size, normalisation.
     with accelerator.main_process_first():
         data = load_data(cfg, show_progress=bar_on)
-    labeled_idx, labeled_rows, bad_labeled = labeled_examples(cfg, data, labeled_split(cfg, data))
+    from_checkpoint = saved_split and cfg.labeled_split_file == saved_split
+    split_source = f"--resume_from_checkpoint {resume_path!r}: its labeled_split.json" if from_checkpoint else None
+    labeled_idx, labeled_rows, bad_labeled = labeled_examples(cfg, data, labeled_split(cfg, data, split_source))
+    if from_checkpoint and (sources or {}).get("num_labeled") not in (None, "default", "demo") \
+            and cfg.num_labeled != len(labeled_idx):
+        accelerator.print(f"note: --num_labeled {cfg.num_labeled} does not apply: a resumed run keeps the "
+                          f"{len(labeled_idx)} labeled examples of its checkpoint")
     if is_main:
         if replacing:  # only now: --labeled_split_file may have named the previous run's split
             accelerator.print(f"--overwrite_output_dir: the previous run's files are now in "
@@ -650,7 +700,7 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
     if resume_path is not None:
         load_checkpoint(accelerator, resume_path, state, ema, generator)
         accelerator.print(f"resumed from {resume_path} at step {state.step}"
-                          + (", labeled split from the checkpoint" if cfg.labeled_split_file == saved_split else ""))
+                          + (", labeled split from the checkpoint" if from_checkpoint else ""))
     checkpoint = partial(save_checkpoint, accelerator, cfg.output_dir, state, ema, generator,
                          total_limit=cfg.checkpoints_total_limit)
 
@@ -755,7 +805,8 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
         good = latest_checkpoint(cfg.output_dir)
         return Stopped(f"the loss or the weights are not finite at step {step} (checked since step {step - window_steps}); "
                        f"stopped without saving. Last good checkpoint: {good or 'none'}. "
-                       "Try a lower --learning_rate or --mixed_precision bf16 instead of fp16.", 1)
+                       "Try a lower --learning_rate" + (" or --mixed_precision bf16 instead of fp16"
+                                                         if accelerator.mixed_precision == "fp16" else "") + ".", 1)
 
     def zero_sums() -> Dict[str, torch.Tensor]:
         """A logging window's running sums, at zero: every step then adds, so every step is the same graph."""
@@ -772,6 +823,7 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
                dynamic_ncols=True)
     sums = zero_sums()
     window_steps, window_start = 0, time.perf_counter()
+    paused = 0.0  # seconds of the window spent evaluating and checkpointing: not training throughput
     model.train()
     try:
         while state.step < cfg.max_train_steps:
@@ -806,7 +858,10 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
             if is_xla(device):  # one graph per training step, launched here, before a logging step reads values
                 xla_sync()
 
-            logging = step % cfg.logging_steps == 0 or step == cfg.max_train_steps
+            # A signal stops a single process at once (its window logged first); several processes agree at a
+            # logging step.
+            signalled = world == 1 and stop.signum is not None
+            logging = step % cfg.logging_steps == 0 or step == cfg.max_train_steps or signalled
             if logging and window_steps:
                 row = _summarise(sums, window_steps, accelerator)  # host sync: once per logging step
                 if not math.isfinite(row["loss"]):
@@ -814,7 +869,7 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
                 if row["bad_images"]:
                     state.bad_images += row["bad_images"]
                     report_bad(int(accelerator.gather(sums["bad_row"].view(1)).max()), step * (B + U) * world)
-                elapsed = time.perf_counter() - window_start
+                elapsed = time.perf_counter() - window_start - paused
                 row = dict(step=step, lr=lr,
                            images_per_s=(B + U) * world * window_steps / max(elapsed, 1e-9),
                            labeled_seen=step * B * world, unlabeled_seen=step * U * world,
@@ -830,18 +885,23 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
                                       f"loss_u {row['loss_u']:.4f} mask {row['mask_ratio']:.3f} "
                                       f"pl_acc {pl_acc} lr {row['lr']:.5f} "
                                       f"img/s {row['images_per_s']:.0f}", flush=True)
-                sums, window_steps, window_start = zero_sums(), 0, time.perf_counter()
+                sums, window_steps, window_start, paused = zero_sums(), 0, time.perf_counter(), 0.0
                 if xla_metrics is not None:  # after the window's reset, so the row holds all of this step's graphs
                     xla_metrics.write(step, since_step=start_step)
-            # A signal stops a single process at once; several processes agree at a logging step.
-            stopping = stop.signum is not None if world == 1 else logging and _any_process(accelerator, stop)
+            stopping = signalled if world == 1 else logging and _any_process(accelerator, stop)
+            pause_start = None  # evaluating and checkpointing run off the window's clock
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step != cfg.max_train_steps and not stopping:
+                sync_device(device)  # the queued training work finishes on the clock
+                pause_start = time.perf_counter()
                 result = run_eval(step)
                 accelerator.print(f"step {step}: EMA top-1 {result['top1']:.2f}  {top_k} {result['top5']:.2f}")
             if (cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0) or stopping:
-                if not safe_to_save():
+                if not safe_to_save():  # a host sync: the queued training work is done
                     raise nonfinite(step)
+                pause_start = pause_start or time.perf_counter()
                 path = checkpoint()
+            if pause_start is not None:
+                paused += time.perf_counter() - pause_start
             if stopping:
                 name = signal.Signals(stop.signum).name if stop.signum else "a signal on another process"
                 raise Stopped(f"stopped by {name} after step {step}; checkpoint {path}; "
@@ -879,5 +939,5 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
         f"{name} {'-' if acc is None else f'{acc:.1f}'}" for name, acc in zip(data.class_names, result["per_class"])))
     skipped = len(bad_images) + state.bad_images + result["skipped_images"]
     if skipped:
-        accelerator.print(f"skipped {skipped} unreadable image reads ({result['skipped_images']} in the last evaluation)")
+        accelerator.print(f"skipped {skipped} reads of unreadable images ({result['skipped_images']} in the last evaluation)")
     return result

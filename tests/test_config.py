@@ -42,6 +42,14 @@ def test_unknown_flag_and_bad_choice_exit(capsys):
     (["--max_eval_samples", "0"], "--max_eval_samples must be at least 1, got 0"),
     (["--crop_padding", "-3"], "--crop_padding must be non-negative, got -3"),
     (["--dataset_name", "a", "--train_dir", "b"], "either --dataset_name or --train_dir"),
+    (["--learning_rate", "nan"], "--learning_rate must be a finite number, got nan"),
+    (["--lambda_u", "inf"], "--lambda_u must be a finite number, got inf"),
+    (["--learning_rate", "-0.1"], "--learning_rate must be non-negative, got -0.1"),
+    (["--momentum", "1.5"], "--momentum must be in \\[0, 1\\), got 1.5"),
+    (["--seed", "-1"], "--seed must be in \\[0, 2\\*\\*32\\), got -1"),
+    (["--seed", str(2**32)], "--seed must be in"),
+    (["--output_dir", ""], "--output_dir must name a folder"),
+    (["--preset", ""], "--preset '': unknown"),
 ])
 def test_invalid_values_name_the_flag(argv, message):
     with pytest.raises(UsageError, match=message):

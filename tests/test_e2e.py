@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_train, write_image_folder
@@ -109,6 +110,18 @@ def test_resume_continues_and_refuses_to_clobber(tmp_path):
     assert [r["step"] for r in read_metrics(out)[0]] == [2, 3]  # the new run's rows only
 
 
+def test_images_per_s_counts_training_steps_only(tmp_path):
+    """An evaluation or a checkpoint inside a logging window does not count as training time."""
+    out = tmp_path / "run"
+    launcher = [sys.executable, str(ROOT / "tests" / "slow_pauses.py"), "1.5"]
+    check_ok(run_train(TINY_DIGITS + ["--max_train_steps", 4, "--logging_steps", 2, "--eval_steps", 2,
+                                      "--checkpointing_steps", 3, "--output_dir", out], launcher=launcher))
+    rows = {r["step"]: r for r in read_metrics(out)[0]}
+    # steps 3-4 (24 images) shared their window with the step-2 evaluation and the step-3 checkpoint,
+    # 3 s of pauses: counted, they would make at most 8 images/s
+    assert rows[4]["images_per_s"] > 40, rows
+
+
 def test_cpu_augmentation_path_on_cifar10_with_wrn(tmp_path, cifar10_path):
     out = tmp_path / "run"
     result = run_train(["--dataset_name", cifar10_path, "--max_train_samples", "200", "--max_eval_samples", "40",
@@ -153,6 +166,8 @@ def test_image_folder_with_a_timm_model(tmp_path):
     (["--strong_augment", "rand-zz"], "--strong_augment"),
     (["--crop_padding", "8"], "--crop_padding 8 must be smaller than the image side (8 px)"),
     (["--augment_device", "cpu", "--cache_decoded"], "--cache_decoded needs --augment_device accelerator"),
+    pytest.param(["--mixed_precision", "fp16"], "--mixed_precision fp16 does not run on a CPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="runs on the GPU")),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, extra, message):
     result = run_train(TINY_DIGITS + ["--output_dir", tmp_path / "run", "--max_train_steps", "1"] + extra)

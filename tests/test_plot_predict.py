@@ -268,6 +268,23 @@ def test_predict_a_dataset_split(tmp_path, capsys):
     assert f"accuracy: top-1 {top1:.2f}%" in out and "on 40 labeled images" in out
 
 
+def test_predict_reads_label_minus_one_as_unlabeled(tmp_path, capsys):
+    """datasets' ClassLabel -1 means "no label" (hidden-label test splits)."""
+    from datasets import ClassLabel, Dataset, Features, Image as ImageFeature
+    from fixmatch_accel.predict import main
+
+    names = [str(d) for d in range(10)]
+    images = [Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)) for i in range(4)]
+    split = Dataset.from_dict({"image": images, "label": [-1, 3, -1, 7]},
+                              features=Features(image=ImageFeature(), label=ClassLabel(names=names)))
+    (tmp_path / "data").mkdir()
+    split.to_parquet(str(tmp_path / "data" / "test.parquet"))  # hub-style: the split named by the file
+    model_dir = small_cnn_dir(tmp_path / "digits_run")
+    assert main(["--model_dir", str(model_dir), "--dataset_name", str(tmp_path / "data"), "--num_workers", "0"]) == 0
+    assert [r["label"] for r in read_csv(model_dir / "predictions.csv")] == ["", "3", "", "7"]
+    assert "on 2 labeled images" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model_dir", "{tmp}/absent", "x.png"], "--model_dir '{tmp}/absent': no such folder"),
     (["--model_dir", "{weightless}", "x.png"], "no model.safetensors"),
@@ -277,6 +294,10 @@ def test_predict_a_dataset_split(tmp_path, capsys):
     (["--model_dir", "{model}", "--dataset_name", "digits", "--split", "dev"], "--split 'dev': no such split"),
     (["--model_dir", "{model}", "--dataset_name", "digits", "--image_column_name", "px"],
      "--image_column_name 'px': no such column"),
+    (["--model_dir", "{model}", "--dataset_name", "digits", "--image_column_name", "label"],
+     "--image_column_name 'label' holds ClassLabel"),
+    (["--model_dir", "{model}", "--dataset_name", "digits", "--max_samples", "-3"], "--max_samples must be at least 1"),
+    (["--model_dir", "{model}", "--dataset_name", "digits", "--output_file", "{tmp}"], "is a folder; name the CSV"),
 ])
 def test_predict_bad_input_is_one_line(tmp_path, capsys, args, message):
     from fixmatch_accel.predict import main
@@ -289,6 +310,20 @@ def test_predict_bad_input_is_one_line(tmp_path, capsys, args, message):
     assert main([a.format(**fill) for a in args]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fixmatch-predict: error:") and message.format(**fill) in lines[0]
+
+
+def test_predict_on_a_device_this_machine_lacks_is_one_line(tmp_path, capsys):
+    import torch
+    from fixmatch_accel.predict import main
+
+    device = "mps" if torch.cuda.is_available() else "cuda"  # one this machine has not
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has both CUDA and MPS")
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    assert main(["--model_dir", str(small_cnn_dir(tmp_path / "model")), str(image), "--device", device]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"fixmatch-predict: error: --device '{device}': ")
 
 
 # ---------------------------------------------------------------- timm round trip

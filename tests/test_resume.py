@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -68,13 +69,15 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path):
 
 def test_sigint_checkpoints_and_exits_130(tmp_path):
     out = tmp_path / "run"
-    proc = start(QUICK + ["--max_train_steps", 400, "--output_dir", out])
-    wait_for(lambda: (out / "metrics.jsonl").exists() and len(losses(out)) >= 3, proc)
+    proc = start(QUICK + ["--max_train_steps", 400, "--output_dir", out, "--logging_steps", 7])
+    wait_for(lambda: (out / "metrics.jsonl").exists() and len(losses(out)) >= 2, proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
-    stopped_at = max(losses(out))
-    assert proc.returncode == 128 + signal.SIGINT and f"stopped by SIGINT after step {stopped_at}" in stderr
+    assert proc.returncode == 128 + signal.SIGINT, stderr[-2000:]
+    stopped_at = int(re.search(r"stopped by SIGINT after step (\d+)", stderr).group(1))
     assert (out / "checkpoints" / f"step_{stopped_at}" / "trainer_state.json").exists()
+    # the steps since the last logging step are logged too, whatever step the signal came at
+    assert max(losses(out)) == stopped_at
 
 
 def test_resume_keeps_the_checkpoints_labeled_split(tmp_path):
@@ -147,11 +150,17 @@ def assert_one_line_error(result, *fragments):
     assert len(lines) == 1 and all(f in lines[0] for f in fragments), result.stderr[-2000:]
 
 
-def test_truncated_checkpoint_is_a_clear_error(finished):
-    weights = finished / "checkpoints" / "step_2" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
+@pytest.mark.parametrize("name, keep, said", [
+    ("model.safetensors", 100, "cannot read model.safetensors"),
+    ("optimizer.bin", 0, "cannot read optimizer.bin"),
+    ("labeled_split.json", 20, "its labeled_split.json: not a labeled_split.json"),  # not --labeled_split_file
+])
+def test_truncated_checkpoint_file_is_named(finished, name, keep, said):
+    damaged = finished / "checkpoints" / "step_2" / name
+    damaged.write_bytes(damaged.read_bytes()[:keep])
     result = run_train(QUICK + ["--max_train_steps", 4, "--output_dir", finished, "--resume_from_checkpoint", "latest"])
-    assert_one_line_error(result, "--resume_from_checkpoint", "step_2", "cannot load")
+    assert_one_line_error(result, "--resume_from_checkpoint", "step_2", said)
+    assert "--labeled_split_file" not in result.stderr
 
 
 def test_a_missing_checkpoint_file_is_named(finished):
@@ -170,6 +179,30 @@ def test_a_checkpoint_without_its_labeled_split_is_a_clear_error(finished):
     (finished / "checkpoints" / "step_2" / "labeled_split.json").unlink()  # never redrawn from today's flags
     result = run_train(QUICK + ["--max_train_steps", 4, "--output_dir", finished, "--resume_from_checkpoint", "latest"])
     assert_one_line_error(result, "--resume_from_checkpoint", "step_2", "has no labeled_split.json")
+
+
+def test_only_an_own_checkpoint_continues_the_run_in_output_dir(finished, tmp_path):
+    """A checkpoint of another run starts a new run: refused where a run is, as any new run there."""
+    from fixmatch_accel.config import TrainConfig
+    from fixmatch_accel.errors import UsageError
+    from fixmatch_accel.trainer import _check_output_dir, _resolve_resume
+
+    own = str(finished / "checkpoints" / "step_2")
+    other = str(shutil.copytree(finished, tmp_path / "other") / "checkpoints" / "step_2")
+    assert _check_output_dir(TrainConfig(output_dir=str(finished)), own) is False  # continues it
+    with pytest.raises(UsageError, match="already holds a run .* and --resume_from_checkpoint .* is not one of its"):
+        _check_output_dir(TrainConfig(output_dir=str(finished)), other)
+    assert _check_output_dir(TrainConfig(output_dir=str(finished), overwrite_output_dir=True), other) is True
+    assert _check_output_dir(TrainConfig(output_dir=str(tmp_path / "new")), other) is False
+    with pytest.raises(UsageError, match="--overwrite_output_dir with --resume_from_checkpoint .*drop one of the two"):
+        _check_output_dir(TrainConfig(output_dir=str(finished), overwrite_output_dir=True), own)
+    with pytest.raises(UsageError, match="--output_dir .* is a file, not a folder"):
+        _check_output_dir(TrainConfig(output_dir=str(finished / "config.json")), None)
+    with pytest.raises(UsageError, match="--resume_from_checkpoint .*checkpoints': not a checkpoint \\(no trainer_state"):
+        _resolve_resume(TrainConfig(output_dir=str(finished), resume_from_checkpoint=str(finished / "checkpoints")))
+    (finished / "checkpoints" / "step_9").mkdir()  # an empty step folder is the newest
+    with pytest.raises(UsageError, match="step_9': not a checkpoint"):
+        _resolve_resume(TrainConfig(output_dir=str(finished), resume_from_checkpoint="latest"))
 
 
 def test_resuming_past_max_train_steps_is_a_clear_error(finished):
