@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -251,7 +252,10 @@ def plot_per_class(path: str, names: List[str], accuracy: Optional[np.ndarray], 
 
 def _save(fig, path: str) -> str:
     tmp = path + ".tmp"
-    fig.savefig(tmp, format="png")  # written whole, then renamed: a reader never sees half a file
+    with warnings.catch_warnings():
+        # class names in a script the font lacks draw as boxes; a warning per glyph would flood the run's log
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.savefig(tmp, format="png")  # written whole, then renamed: a reader never sees half a file
     os.replace(tmp, path)
     return path
 

@@ -101,6 +101,18 @@ def test_plots_of_a_run_show_starved_classes(tmp_path):
     assert not has_colour(check_png(Path(balanced[1])), TAB_RED)
 
 
+def test_class_names_the_font_lacks_draw_without_a_warning_per_glyph(tmp_path):
+    import warnings
+
+    root = fabricate_run(tmp_path / "run", num_classes=2)
+    config = json.loads((root / "config.json").read_text())
+    (root / "config.json").write_text(json.dumps(dict(config, label_names=["一只猫", "一只狗"])))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paths = write_plots(str(root))
+    assert len(paths) == 2 and not [w for w in caught if "Glyph" in str(w.message)]
+
+
 @pytest.mark.parametrize("kind", ["one_row", "no_eval", "no_config", "many_classes"])
 def test_plots_of_partial_runs(tmp_path, kind):
     run = dict(

@@ -68,6 +68,7 @@ def test_the_demo_applies_only_when_no_layer_names_a_dataset(tmp_path):
     ("augment_device: gpu\n", "augment_device: expected one of cpu, accelerator, got 'gpu'"),
     ("model: null\n", "model: expected a value of type str, got None"),
     ("mu: [1, 2\n", "not valid YAML \\(line 2: "),
+    ("seed: 1\nmu: 3\nseed: 2\n", "not valid YAML \\(line 3: 'seed' is set twice\\)"),
     ("- mu\n- 3\n", "expected a mapping of `setting: value` lines, got a list"),
 ])
 def test_bad_files_are_one_line_naming_file_and_key(tmp_path, text, message):
