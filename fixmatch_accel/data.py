@@ -123,6 +123,23 @@ def _pick_column(features, flag: str, given: Optional[str], feature_type, kind: 
     return found[0]
 
 
+def _yield_from(stream):
+    yield from stream
+
+
+def _first_rows(stream, n: int):
+    """The first n rows of a stream, as a stream of one piece.
+
+    `take(n)` keeps the stream's pieces, and split_dataset_by_node would then give each process
+    the first n / processes rows of its own pieces, not its share of the first n; a stream of one
+    piece is split row by row (each process reads the n rows and keeps every k-th).
+    """
+    from datasets import IterableDataset
+
+    taken = stream.take(n)
+    return IterableDataset.from_generator(_yield_from, gen_kwargs=dict(stream=taken), features=taken.features)
+
+
 def load_data(cfg, show_progress: bool = False) -> SplitData:
     """Load the train and eval splits, find the image and label columns, read the labels."""
     from datasets import ClassLabel, Image, Value
@@ -164,7 +181,7 @@ def load_data(cfg, show_progress: bool = False) -> SplitData:
     train = train.cast_column(image_col, Image(decode=False))
     evaluation = evaluation.cast_column(image_col, Image(decode=False))
     if cfg.max_eval_samples is not None:
-        evaluation = (evaluation.take(cfg.max_eval_samples) if streaming
+        evaluation = (_first_rows(evaluation, cfg.max_eval_samples) if streaming
                       else evaluation.select(range(min(cfg.max_eval_samples, len(evaluation)))))
 
     label_map, shard_sizes = None, None

@@ -70,6 +70,23 @@ def sync_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def ema_from_main_process(accelerator, ema: ModelEMA) -> None:
+    """Give every process the EMA of process 0, the one that is saved.
+
+    Each process blends in the BatchNorm statistics of its own forward passes (DDP re-sends the
+    live buffers only at the next forward), so the processes' EMAs drift apart, and an
+    evaluation split over processes would score a mix of models.
+    """
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import broadcast
+
+    tensors = list(ema.module.state_dict().values())
+    for mine, main in zip(tensors, broadcast(tensors, from_process=0)):
+        if main is not mine:  # XLA's broadcast returns new tensors
+            mine.copy_(main)
+
+
 def strong_view_in_step(device: torch.device) -> bool:
     """Whether the strong view is made inside the step function (compiled with it under --compile).
 
@@ -775,10 +792,13 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
     unlabeled_iter = endless(unlabeled_loader, "unlabeled", state, accelerator)
 
     def run_eval(step: int) -> Dict:
+        ema_from_main_process(accelerator, ema)
         result = evaluate(ema.module, eval_loader, accelerator, eval_inputs, data.num_classes, show_progress=bar_on,
                           sharded=isinstance(eval_loader, StreamLoader) or is_xla(device))
         result["skipped_images"] += len(bad_eval)  # the decoded cache left them out before the loader
-        metrics.write(dict(step=step, top1=result["top1"], top5=result["top5"], per_class=result["per_class"]))
+        metrics.write(dict(step=step, top1=result["top1"], top5=result["top5"], per_class=result["per_class"],
+                           # not "skipped_images": trackers would mix it up with the training rows' count
+                           num_eval=result["num_eval"], eval_skipped_images=result["skipped_images"]))
         return result
 
     def report_bad(row: int, read: int) -> None:
@@ -937,7 +957,7 @@ def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
                       f"on {result['num_eval']} {data.eval_split} images -> {cfg.output_dir}")
     accelerator.print("per class top-1: " + ", ".join(
         f"{name} {'-' if acc is None else f'{acc:.1f}'}" for name, acc in zip(data.class_names, result["per_class"])))
-    skipped = len(bad_images) + state.bad_images + result["skipped_images"]
-    if skipped:
-        accelerator.print(f"skipped {skipped} reads of unreadable images ({result['skipped_images']} in the last evaluation)")
+    if len(bad_images) + state.bad_images + result["skipped_images"]:
+        accelerator.print(f"skipped unreadable images: {len(bad_images) + state.bad_images} training reads, "
+                          f"{result['skipped_images']} of the final evaluation's images")
     return result

@@ -201,8 +201,10 @@ def test_two_processes_shard_the_data(tmp_path):
 
 def test_two_process_training_logs_global_statistics(tmp_path):
     out = tmp_path / "run"
+    prints = tmp_path / "fingerprints"
+    prints.mkdir()
     result = run_train(TINY_DIGITS + ["--max_train_steps", "4", "--output_dir", out, "--threshold", "0"],
-                       launcher=ACCELERATE, timeout=300)
+                       launcher=ACCELERATE + [str(ROOT / "tests" / "ema_at_eval.py"), str(prints)], timeout=300)
     check_ok(result)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["global_batch"] == {"labeled": 8, "unlabeled": 16}
@@ -214,3 +216,10 @@ def test_two_process_training_logs_global_statistics(tmp_path):
         assert r["labeled_seen"] == r["step"] * 8
     assert eval_rows[-1]["step"] == 4
     assert json.loads((out / "eval_results.json").read_text())["num_eval"] == 64  # gathered once, no duplicates
+    # Both processes evaluate one model, the one saved: process 0's EMA (each process's EMA blends in the
+    # BatchNorm statistics of its own batches, so they drift apart).
+    assert sorted(p.name for p in prints.iterdir()) == ["eval_0_1.json", "eval_1_1.json"]  # the final evaluation
+    on_0, on_1 = (json.loads((prints / f"eval_{p}_1.json").read_text()) for p in (0, 1))
+    assert on_0 == on_1
+    saved = {k: float(v.double().sum()) for k, v in load_file(out / "model.safetensors").items()}
+    assert saved == pytest.approx({k: v for k, v in on_0.items() if k in saved})

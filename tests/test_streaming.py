@@ -149,6 +149,18 @@ def test_unlabeled_excludes_labeled(parquet_dir, streaming):
         build_loaders(cfg, data, list(range(200)), rows, 8, 1, "accelerator", accelerator)  # every example labeled
 
 
+def test_two_processes_evaluate_the_first_max_eval_samples_rows(tmp_path):
+    """--max_eval_samples N on a stream of 4 pieces: the two processes' shares are the map-style first N."""
+    from datasets.distributed import split_dataset_by_node
+
+    stream = load_data(TrainConfig(dataset_name="digits", streaming=True, max_eval_samples=61))
+    mapped = load_data(TrainConfig(dataset_name="digits", max_eval_samples=61))
+    shares = [[r["label"] for r in split_dataset_by_node(stream.eval, rank=k, world_size=2)] for k in (0, 1)]
+    assert len(shares[0]) + len(shares[1]) == 61
+    assert shares[0] == list(mapped.eval_labels[0::2]) and shares[1] == list(mapped.eval_labels[1::2])
+    assert list(stream.eval_labels) == list(mapped.eval_labels)
+
+
 def test_two_processes_split_a_stream_exactly(tmp_path, parquet_dir):
     """Three shards over two processes with two workers each: disjoint, complete up to each worker's last batch."""
     out = tmp_path / "ids"
@@ -224,6 +236,7 @@ def test_bad_images_are_skipped_counted_and_reported(tmp_path, mixed_folders, ex
     assert cfg["resolved"]["image_size"] == 32  # sizes differ: the default side
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
+    assert [(r["num_eval"], r["eval_skipped_images"]) for r in rows if "top1" in r][-1] == (18, 1)
     # 12 steps x 18 unlabeled images read the 122-image split about twice: both bad files, each pass.
     assert train_rows[-1]["skipped_images"] >= 2
     assert all(np.isfinite(r["loss"]) for r in train_rows)
