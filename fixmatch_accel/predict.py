@@ -19,7 +19,7 @@ from PIL import Image as PILImage
 from torchvision.transforms.functional import pil_to_tensor
 
 from .data import BadImage, _load_raw, _pick_column, decode_image, to_rgb
-from .errors import UsageError
+from .errors import UsageError, describe
 
 TOP_K = 5
 
@@ -85,9 +85,8 @@ def load_run_model(model_dir: str, device: torch.device) -> RunModel:
     try:
         model.load_state_dict(load_file(weights))
     except Exception as e:  # a truncated file, or weights of another model
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UsageError(f"--model_dir {model_dir!r}: model.safetensors does not load into {architecture} "
-                         f"({type(e).__name__}: {first[:300]})") from None
+                         f"({describe(e)})") from None
     names = [str(n) for n in config.get("label_names") or range(num_classes)]
     return RunModel(model.to(device).eval(), names, int(input_size[-1]), list(mean), list(std))
 

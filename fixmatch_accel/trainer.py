@@ -28,7 +28,7 @@ from .data import (DecodedImages, ImageDataset, SampleSeeds, batch_identity, cha
                    default_image_size, image_name, image_sizes, labeled_examples, labeled_split, load_data,
                    repeat_to_fill, save_labeled_split, stats_rows)
 from .ema import ModelEMA
-from .errors import UsageError
+from .errors import UsageError, describe
 from .evaluate import evaluate
 from .fixmatch import fixmatch_loss
 from .models import create_model
@@ -260,46 +260,45 @@ def save_checkpoint(accelerator, output_dir: str, state: TrainState, ema: ModelE
 def load_checkpoint(accelerator, path: str, state: TrainState, ema: ModelEMA, generator: torch.Generator) -> None:
     """Restore a checkpoint written by save_checkpoint; any problem is one clear line."""
     rank = accelerator.process_index
-    # Named here: accelerate reports a missing model.safetensors as a missing pytorch_model.bin.
-    missing = [f for f in ("trainer_state.json", "model.safetensors", "optimizer.bin", "scheduler.bin",
-                           "ema.safetensors", f"random_states_{rank}.pkl", f"generator_{rank}.safetensors")
-               if not os.path.exists(os.path.join(path, f))]
-    if missing:
-        raise UsageError(f"--resume_from_checkpoint {path!r}: cannot load it (missing {', '.join(missing)})")
     from accelerate.utils.other import load as weights_only_load
 
     def read_json(file):
         with open(file) as f:
             return json.load(f)
 
-    # Each file read once on its own first, so a truncated or hostile one is named. accelerate skips
-    # unreadable RNG states with only an info log: read here (weights_only, accelerate's numpy allow-list),
-    # they are an error, not a silently inexact resume.
-    readers = {"trainer_state.json": read_json, "model.safetensors": load_file, "ema.safetensors": load_file,
-               f"generator_{rank}.safetensors": load_file, f"random_states_{rank}.pkl": weights_only_load,
-               "optimizer.bin": partial(weights_only_load, map_location="cpu"),
-               "scheduler.bin": weights_only_load}
+    # Every file of a checkpoint, each read on its own first so that a missing, truncated or hostile
+    # one is named (accelerate reports a missing model.safetensors as a missing pytorch_model.bin, and
+    # skips unreadable RNG states with only an info log: read here with weights_only and accelerate's
+    # numpy allow-list, they are an error, not a silently inexact resume).
+    readers = {"trainer_state.json": read_json, "model.safetensors": load_file, "optimizer.bin":
+               partial(weights_only_load, map_location="cpu"), "scheduler.bin": weights_only_load,
+               "ema.safetensors": load_file, f"random_states_{rank}.pkl": weights_only_load,
+               f"generator_{rank}.safetensors": load_file}
+    missing = [name for name in readers if not os.path.exists(os.path.join(path, name))]
+    if missing:
+        raise UsageError(f"--resume_from_checkpoint {path!r}: cannot load it (missing {', '.join(missing)})")
+    used_here = {"trainer_state.json", "ema.safetensors", f"generator_{rank}.safetensors"}  # the rest: accelerate's
+    loaded = {}
     for name, read in readers.items():
         try:
-            read(os.path.join(path, name))
+            value = read(os.path.join(path, name))
+            if name in used_here:  # not kept: a second copy of the weights and optimizer state
+                loaded[name] = value
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else "empty or truncated"
             raise UsageError(f"--resume_from_checkpoint {path!r}: cannot read {name} "
-                             f"({type(e).__name__}: {first[:300]})") from None
+                             f"({describe(e, 'empty or truncated')})") from None
+    saved = loaded["trainer_state.json"]
     try:
-        with open(os.path.join(path, "trainer_state.json")) as f:
-            saved = json.load(f)
         accelerator.load_state(path)  # model, optimizer, scheduler, RNGs: weights_only / safetensors
-        ema.module.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
-        generator.set_state(load_file(os.path.join(path, f"generator_{rank}.safetensors"))["state"])
+        ema.module.load_state_dict(loaded["ema.safetensors"])
+        generator.set_state(loaded[f"generator_{rank}.safetensors"]["state"])
         state.step = int(saved["step"])
         state.skipped = int(saved.get("skipped", 0))
         state.bad_images = int(saved.get("bad_images", 0))
         state.positions = {k: [int(e), int(b)] for k, (e, b) in saved["positions"].items()}
         saved_layout = saved.get("layout", {})
-    except Exception as e:  # unreadable, truncated, another model: the user must know, never a silent restart
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UsageError(f"--resume_from_checkpoint {path!r}: cannot load it ({type(e).__name__}: {first[:300]})") from None
+    except Exception as e:  # another model, a malformed state: the user must know, never a silent restart
+        raise UsageError(f"--resume_from_checkpoint {path!r}: cannot load it ({describe(e)})") from None
     changed = [f"{k} {state.layout.get(k)} (was {v})" for k, v in saved_layout.items() if state.layout.get(k) != v]
     if changed:
         accelerator.print(f"warning: resumed with {', '.join(changed)}: the data order from here on is not the "
