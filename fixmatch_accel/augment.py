@@ -53,6 +53,8 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 from torch import Tensor
 
+from . import native
+
 __all__ = [
     "BASE_OPS",
     "PAPER_OPS",
@@ -399,16 +401,24 @@ def weak_batch(images: Tensor, *, hflip: bool = True, pad: int = 4,
     dev = images.device
     if pad >= min(h, w):
         raise ValueError(f"pad={pad} must be smaller than the image side {min(h, w)}")
-    rows = torch.arange(h, device=dev).expand(n, h)
-    cols = torch.arange(w, device=dev).expand(n, w)
+    oy = ox = flip = None
     if pad > 0:
         # offset in [0, 2*pad] into the padded image, as torchvision RandomCrop(padding=pad)
         oy = _randint(2 * pad + 1, (n, 1), generator, dev)
         ox = _randint(2 * pad + 1, (n, 1), generator, dev)
+    if hflip:
+        flip = _rand((n, 1), generator, dev) < 0.5
+    lib = native.library() if _eager_cpu(images) else None
+    if lib is not None:  # the same pixels from one compiled loop
+        centred = torch.full((n,), pad, dtype=torch.int64)  # the offset that moves nothing
+        return native.crop_flip(lib, images, centred if oy is None else oy, centred if ox is None else ox,
+                                torch.zeros(n, dtype=torch.bool) if flip is None else flip, pad)
+    rows = torch.arange(h, device=dev).expand(n, h)
+    cols = torch.arange(w, device=dev).expand(n, w)
+    if pad > 0:
         rows = _reflect(rows + oy - pad, h)
         cols = _reflect(cols + ox - pad, w)
     if hflip:
-        flip = _rand((n, 1), generator, dev) < 0.5
         cols = torch.where(flip, w - 1 - cols, cols)
     # whole rows first (a row copy each), then columns (a per-sample index shared by all rows)
     row_index = (torch.arange(n * c, device=dev).view(n, c, 1) * h + rows.view(n, 1, h)).reshape(n * c * h)
@@ -425,7 +435,11 @@ def normalize_batch(images: Tensor, mean: Sequence[float] | Tensor,
     std_t = _per_channel(std, c, dev, torch.float32)
     # one multiply-add on the converted copy, in place: a third of the memory passes of
     # (x / 255 - mean) / std, within float32 rounding of it
-    return images.float().mul_(1.0 / (255.0 * std_t)).add_(-mean_t / std_t)
+    scale, offset = 1.0 / (255.0 * std_t), -mean_t / std_t
+    lib = native.library() if _eager_cpu(images) and images.dtype == torch.uint8 else None
+    if lib is not None:  # the same arithmetic in one pass
+        return native.normalize(lib, images, scale, offset)
+    return images.float().mul_(scale).add_(offset)
 
 
 # --------------------------------------------------------------------------------------
@@ -767,8 +781,11 @@ def _apply_layer_grouped(x: Tensor, op: Tensor, applied: Tensor, names: Sequence
     chosen = torch.where(applied, op, -1)
     order = torch.argsort(chosen, stable=True)
     counts = torch.bincount(chosen + 1, minlength=len(names) + 1).tolist()
-    xs = x.index_select(0, order)
     ms, signs = magnitude.index_select(0, order), sign.index_select(0, order)
+    lib = native.library() if max(x.shape[-2:]) <= native.MAX_SIDE else None
+    if lib is not None:
+        return _apply_layer_native(lib, x, order, counts, names, level_to_arg, ms, signs, fill, resample)
+    xs = x.index_select(0, order)
     pieces = [xs[:counts[0]]]  # not applied
     start = counts[0]
     for name, count in zip(names, counts[1:]):
@@ -778,6 +795,31 @@ def _apply_layer_grouped(x: Tensor, op: Tensor, applied: Tensor, names: Sequence
             start += count
     # back to the batch order (index_select: a row copy each; CPU index_copy_ is far slower)
     return torch.cat(pieces).index_select(0, torch.argsort(order))
+
+
+def _apply_layer_native(lib, x: Tensor, order: Tensor, counts: list[int], names: Sequence[str],
+                        level_to_arg: Callable, ms: Tensor, signs: Tensor, fill: Tensor,
+                        resample: str) -> Tensor:
+    """_apply_layer_grouped's layer in one compiled call (native.py): the arguments and affine
+    data of each op's run of samples (sorted by op) come from the tensor path, the pixels from C."""
+    n, c, h, w = x.shape
+    arg = torch.zeros(n, dtype=torch.float64)
+    affine = torch.zeros(n, 6, dtype=torch.float64)
+    codes = [-1]
+    start = counts[0]
+    for name, count in zip(names, counts[1:]):
+        if not count:
+            codes.append(-1)
+            continue
+        base, a = level_to_arg(name, ms[start:start + count], signs[start:start + count])
+        codes.append(native.CODES[base])
+        if a is not None:
+            arg[start:start + count] = a
+            if base in _AFFINE_OPS:
+                affine[start:start + count] = _affine_coeffs(base, a, h, w)
+        start += count
+    code = torch.repeat_interleave(torch.tensor(codes, dtype=torch.int32), torch.tensor(counts))
+    return native.apply_layer(lib, x, order, code, arg, affine, fill.reshape(c), resample == "nearest")
 
 
 def _eager_cpu(t: Tensor) -> bool:

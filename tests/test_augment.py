@@ -11,6 +11,7 @@ from PIL import Image
 
 import timm.data.auto_augment as timm_aa
 from fixmatch_accel import augment as A
+from fixmatch_accel import native
 
 CIFAR = (Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
          / "train-00000-of-00001.parquet")
@@ -534,10 +535,16 @@ def test_paper_cpu_path_cutout():
         assert w == 16 or xs.min() == 0 or xs.max() == 31
 
 
+@pytest.mark.parametrize("compiled_c", [True, False], ids=["augment_native.c", "tensor ops"])
 @pytest.mark.parametrize("config", ["rand-m9-mstd0.5", "rand-m7-n3-mstd1-inc1", "paper"])
-def test_grouped_cpu_application_equals_the_static_shape_one(config, monkeypatch):
-    """Eager CPU applies each op to its own samples only; compiled / accelerator code computes every op for
-    every sample and selects. Both must give the very same pixels."""
+def test_grouped_cpu_application_equals_the_static_shape_one(config, compiled_c, monkeypatch):
+    """Eager CPU applies each op to its own samples only (in C where a compiler is at hand, else
+    as tensor ops); compiled / accelerator code computes every op for every sample and selects.
+    All must give the very same pixels."""
+    if not compiled_c:
+        monkeypatch.setattr(native, "library", lambda: None)
+    elif native.library() is None:
+        pytest.skip("no C compiler here")
     g = torch.Generator().manual_seed(3)
     x = torch.randint(0, 256, (96, 3, 16, 16), dtype=torch.uint8, generator=g)
     params = A.sample_rand_augment_params(96, config, generator=g, image_size=(16, 16))
