@@ -4,6 +4,7 @@ Every loader yields uint8 images [C, H, W] of one size; normalisation happens on
 the training device, so the host moves a quarter of the bytes that float32 would.
 """
 
+import importlib.util
 import io
 import json
 import os
@@ -11,7 +12,8 @@ import random
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -54,22 +56,42 @@ class SplitData:
         return self.shard_sizes is not None
 
 
-def load_digits_dataset():
-    """scikit-learn's bundled 8x8 digits as a DatasetDict with a fixed stratified 25% test split."""
-    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+def _digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits: images [1797, 8, 8] (values 0..16) and labels.
 
-    digits = load_digits()
-    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # values 0..16 -> 0..255
-    train_idx, test_idx = train_test_split(
-        np.arange(len(pixels)), test_size=0.25, stratify=digits.target, random_state=0
-    )
+    Read from the package's own CSV, as load_digits reads it, without importing scikit-learn:
+    that import (scipy with it) took 1.5 s of every digits run.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    csv = (Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+           if spec is not None and spec.submodule_search_locations else None)
+    if csv is None or not csv.is_file():  # another layout: ask scikit-learn itself
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return digits.images, digits.target
+    data = np.loadtxt(csv, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
+def load_digits_dataset():
+    """scikit-learn's bundled 8x8 digits as a DatasetDict with a fixed stratified 25% test split.
+
+    The split is scikit-learn's train_test_split(test_size=0.25, stratify=labels, random_state=0),
+    stored in digits_split.json (tests/test_data.py recomputes it): the same rows and order
+    whatever scikit-learn version is installed.
+    """
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+
+    images, target = _digits_arrays()
+    pixels = np.round(images * (255.0 / 16.0)).astype(np.uint8)  # values 0..16 -> 0..255
+    split = json.loads((Path(__file__).with_name("digits_split.json")).read_text())
+    train_idx, test_idx = np.array(split["train"]), np.array(split["test"])
     features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
 
     def build(idx):
         images = [PILImage.fromarray(pixels[i]).convert("RGB") for i in idx]
-        return Dataset.from_dict({"image": images, "label": digits.target[idx].tolist()}, features=features)
+        return Dataset.from_dict({"image": images, "label": target[idx].tolist()}, features=features)
 
     return DatasetDict(train=build(train_idx), test=build(test_idx))
 

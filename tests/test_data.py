@@ -3,6 +3,7 @@
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from conftest import write_image_folder
@@ -37,6 +38,30 @@ def test_digits_dataset():
     assert ds["train"].features["label"].names == [str(d) for d in range(10)]
     # Stratified: every class appears in the test split in proportion.
     assert min(Counter(ds["test"]["label"]).values()) >= 43
+
+
+def test_digits_are_scikit_learns_rows_and_split_without_importing_it():
+    """The demo reads sklearn's CSV itself and a stored split; both must be what sklearn gives."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from fixmatch_accel.data import _digits_arrays
+
+    digits = load_digits()
+    images, target = _digits_arrays()
+    assert np.array_equal(images, digits.images) and np.array_equal(target, digits.target)
+    train_idx, test_idx = train_test_split(np.arange(len(target)), test_size=0.25, stratify=target, random_state=0)
+    ds = load_digits_dataset()
+    expected = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    for split, idx in (("train", train_idx), ("test", test_idx)):
+        assert ds[split]["label"] == digits.target[idx].tolist()
+        for k in (0, 17, len(idx) - 1):
+            assert np.array_equal(np.asarray(ds[split][int(k)]["image"])[..., 0], expected[idx[k]])
+    probe = "import sys; from fixmatch_accel.data import load_digits_dataset; load_digits_dataset(); print('sklearn' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
 def test_split_saved_and_reloaded(tmp_path):
