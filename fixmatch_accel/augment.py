@@ -21,7 +21,8 @@ batch and selects per sample with ``torch.where``: shapes are static and nothing
 tensor values on the host, so the code runs under ``torch.compile(fullgraph=True)``.
 Eagerly on a CPU, where that redundant work is the whole cost, the batch is instead
 sorted by op and each op runs on its own samples only, with the same arithmetic (the
-same pixels; tested).
+same pixels; tested): as one C loop over the batch where a C compiler is at hand
+(native.py, augment_native.c; weak_batch and normalize_batch too), else as tensor ops.
 Dynamo cannot trace a ``torch.Generator``: compile with ``generator=None``, or draw with
 ``sample_rand_augment_params(generator=g)`` eagerly and compile ``apply_rand_augment``.
 A generator on another device than the images draws there and the draws are copied.

@@ -1,12 +1,13 @@
-/* One RandAugment layer over a uint8 batch, each sample its own op: the arithmetic of the
- * tensor path in fixmatch_accel/augment.py (itself PIL's), written as one loop per sample.
+/* The eager CPU augmentation of fixmatch_accel/augment.py as loops over the batch: one
+ * RandAugment layer with each sample's own op (fixmatch_apply_layer), weak_batch's flip + crop
+ * (fixmatch_crop_flip) and normalize_batch (fixmatch_normalize). Loaded by native.py.
  *
  * Eager PyTorch on a CPU needs ~100 kernel calls for one op on a group of samples, and most
  * of a CPU batch's time went to those calls and their temporaries; here a 32x32 sample costs
  * microseconds. Every expression keeps the tensor path's types and order of operations
  * (float32 where it blends, double where PIL's coordinates are double), and the build
  * turns off FMA contraction, so the pixels are the same bit for bit (tests/test_native.py).
- * Arguments (timm's level-to-arg, affine matrices) are still computed by the tensor path.
+ * Random draws, arguments (timm's level-to-arg) and affine matrices come from the tensor path.
  */
 #include <math.h>
 #include <stdint.h>

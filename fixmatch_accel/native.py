@@ -1,4 +1,4 @@
-"""The compiled RandAugment layer for eager CPU tensors (augment_native.c), when a C compiler is at hand.
+"""Eager CPU augmentation compiled (augment_native.c): flip + crop, RandAugment layers, normalisation.
 
 No library applies a different PIL-exact op to each image of a uint8 batch in one pass: PIL
 and timm take one image at a time, torchvision's v2 RandAugment one op for the whole batch,
@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("augment_native.c")
 ENV_SWITCH = "FIXMATCH_ACCEL_NATIVE"
 # -ffp-contract=off: no fused multiply-adds, so every product and sum rounds as the
-# tensor path's separate kernels round them (the pixels must be the same bit for bit)
+# tensor path's separate kernels round them (the pixels must be the same bit for bit);
+# -fno-trapping-math lets gcc vectorise clamps (no value changes, only FP-exception assumptions)
 CFLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-trapping-math"]
 
 # op codes of augment_native.c
