@@ -148,3 +148,25 @@ def test_a_broken_source_is_reported_with_the_compilers_words(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="failed: .*error"):
         native.build(tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []  # the half-built file is gone
+
+
+def test_a_training_run_logs_the_same_losses_with_and_without_the_compiled_path(tmp_path):
+    """The trainer's CPU views (labeled flip + crop, both unlabeled views, normalisation) through C
+    and through tensor ops: the same images, so the same losses at every step."""
+    import json
+
+    from conftest import run_train
+    from test_e2e import TINY_DIGITS
+
+    def losses(env, name):
+        out = tmp_path / name
+        result = run_train(TINY_DIGITS + ["--max_train_steps", 6, "--logging_steps", 1, "--eval_steps", 0,
+                                          "--checkpointing_steps", 0, "--augment_device", "accelerator",
+                                          "--output_dir", out], env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"], r["loss_u"], r["mask_ratio"]) for r in rows if "loss" in r]
+
+    compiled = losses({native.ENV_SWITCH: "1"}, "compiled")
+    assert len(compiled) == 6
+    assert compiled == losses({native.ENV_SWITCH: "0"}, "tensor")
