@@ -77,7 +77,9 @@ def build(directory: Path | None = None) -> Path:
         done = subprocess.run(cc + CFLAGS + [str(SOURCE), "-o", tmp, "-lm"],
                               capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cc)} failed: {(done.stderr or done.stdout).strip()[:500]}")
+            lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+            first_error = next((line for line in lines if "error" in line.lower()), lines[0])
+            raise RuntimeError(f"{' '.join(cc)} failed: {first_error.strip()[:300]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
