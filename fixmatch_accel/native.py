@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import describe
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("augment_native.c")
@@ -47,7 +49,10 @@ _loaded = False
 def _compiler() -> list[str]:
     """$CC when set, else the first of Python's own compiler, cc, gcc and clang found on PATH."""
     if os.environ.get("CC"):
-        return shlex.split(os.environ["CC"])
+        words = shlex.split(os.environ["CC"])
+        if not shutil.which(words[0]):  # said here, not as an OSError that reads like an unwritable cache
+            raise RuntimeError(f"CC={os.environ['CC']!r}: no such program")
+        return words
     for candidate in (sysconfig.get_config_var("CC") or "", "cc", "gcc", "clang"):
         words = shlex.split(candidate)
         if words and shutil.which(words[0]):
@@ -102,8 +107,8 @@ def library() -> ctypes.CDLL | None:
             path = build(Path(tempfile.mkdtemp(prefix="fixmatch_accel-")))
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        logger.warning("no compiled CPU augmentation (%s: %s); the tensor path runs instead, "
-                       "with the same pixels but slower", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        logger.warning("no compiled CPU augmentation (%s); the tensor path runs instead, "
+                       "with the same pixels but slower", describe(e))
         return None
     fn = lib.fixmatch_apply_layer
     p, i64 = ctypes.c_void_p, ctypes.c_int64
