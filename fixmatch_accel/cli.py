@@ -2,25 +2,17 @@
 
 import sys
 from functools import partial
-from typing import Callable, List, Optional
+from typing import List, Optional
 
-from .errors import UsageError
-
-
-def report_usage_errors(prog: str, run: Callable[[], int]) -> int:
-    """Return `run()`'s exit status; a UsageError becomes one line `prog: error: ...` and status 2."""
-    try:
-        return run()
-    except UsageError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+from .errors import report_usage_errors
 
 
 def _train(argv: Optional[List[str]]) -> int:
     from .config import parse_args
 
     cfg, sources = parse_args(argv)
-    from .trainer import Stopped, train  # imported late so `--help` stays fast
+    from .stop import Stopped  # imported late so `--help` stays fast
+    from .trainer import train
 
     try:
         train(cfg, sources)

@@ -14,7 +14,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -345,3 +345,42 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("--cache_decoded cannot be used with --streaming (a stream is never held whole)")
     if cfg.image_size is not None and cfg.image_size < 4:
         raise UsageError(f"--image_size must be at least 4, got {cfg.image_size}")
+
+
+# Decoded train splits under this size are kept in memory by default (--cache_decoded).
+CACHE_LIMIT_BYTES = 4 * 2**30
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The settings left to "auto" (None) in TrainConfig, decided once for this data and device."""
+
+    image_size: int
+    crop_padding: int
+    augment_device: str  # "cpu" (PIL in the loaders' workers) or "accelerator" (batched tensors)
+    cache_decoded: bool
+    channels_last: bool
+
+
+def default_channels_last(device_type: str) -> bool:
+    """channels_last unless asked: faster convolutions on CUDA and on CPUs (oneDNN, bench/RESULTS.md);
+    XLA and MPS keep the default layout."""
+    return device_type in ("cuda", "cpu")
+
+
+def resolve(cfg: TrainConfig, *, device_type: str, dataset_image_size: Callable[[], int], num_train: int,
+            streaming: bool) -> Resolved:
+    """Every auto setting in one place; `dataset_image_size` is asked only when --image_size is not given."""
+    size = cfg.image_size or dataset_image_size()
+    pad = cfg.crop_padding if cfg.crop_padding is not None else max(1, size // 8)
+    if pad >= size:
+        raise UsageError(f"--crop_padding {pad} must be smaller than the image side ({size} px)")
+    augment_device = cfg.augment_device or ("cpu" if device_type == "cpu" else "accelerator")
+    cache_decoded = cfg.cache_decoded
+    if cache_decoded is None:
+        cache_decoded = (augment_device == "accelerator" and not streaming
+                         and num_train * 3 * size * size < CACHE_LIMIT_BYTES)
+    elif cache_decoded and augment_device == "cpu":
+        raise UsageError("--cache_decoded needs --augment_device accelerator (the CPU path augments PIL images)")
+    channels_last = cfg.channels_last if cfg.channels_last is not None else default_channels_last(device_type)
+    return Resolved(size, pad, augment_device, cache_decoded, channels_last)

@@ -1,10 +1,12 @@
 """Top-1, top-5 and per-class accuracy over every process's share of the eval set."""
 
+from functools import partial
 from typing import Callable, Dict
 
 import torch
 from tqdm.auto import tqdm
 
+from .launch import from_main_process
 from .xla import PAD_ROW, sync
 
 
@@ -56,3 +58,32 @@ def evaluate(model, loader, accelerator, prepare_inputs: Callable, num_classes: 
         "num_eval": int(total.sum()),
         "skipped_images": int(skipped),
     }
+
+
+class Evaluator:
+    """Evaluates the EMA model every --eval_steps (and at the end) and logs the eval row."""
+
+    def __init__(self, accelerator, cfg, ema, loader, prepare_inputs: Callable, num_classes: int, *,
+                 sharded: bool, skipped_before: int, log, show_progress: bool):
+        self.accelerator, self.ema, self.loader, self.log = accelerator, ema, loader, log
+        self.every, self.last = cfg.eval_steps, cfg.max_train_steps
+        self.run = partial(self._evaluate, prepare_inputs=prepare_inputs, num_classes=num_classes,
+                           show_progress=show_progress, sharded=sharded)
+        self.skipped_before = skipped_before  # unreadable eval images the decoded cache left out before the loader
+
+    @staticmethod
+    def _evaluate(*args, **kwargs) -> Dict:
+        return evaluate(*args, **kwargs)  # looked up at each call, so tests can wrap it
+
+    def due(self, step: int) -> bool:
+        """At --eval_steps intervals; the last step's evaluation is the final one."""
+        return bool(self.every) and step % self.every == 0 and step != self.last
+
+    def __call__(self, step: int) -> Dict:
+        # Each process blends its own BatchNorm statistics into its EMA (DDP re-sends the live buffers only at
+        # the next forward), so the processes' EMAs drift apart: all evaluate process 0's, the saved one.
+        from_main_process(self.accelerator, self.ema.module)
+        result = self.run(self.ema.module, self.loader, self.accelerator)
+        result["skipped_images"] += self.skipped_before
+        self.log.write_eval(step, result)
+        return result

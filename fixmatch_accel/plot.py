@@ -282,7 +282,7 @@ def write_plots(output_dir: str) -> List[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .cli import report_usage_errors
+    from .errors import report_usage_errors
 
     parser = argparse.ArgumentParser(
         prog="fixmatch-plot",

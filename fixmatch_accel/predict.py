@@ -288,7 +288,7 @@ def run_predict(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .cli import report_usage_errors
+    from .errors import report_usage_errors
 
     args = build_parser().parse_args(argv)
     return report_usage_errors("fixmatch-predict", lambda: run_predict(args))

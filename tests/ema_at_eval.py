@@ -5,10 +5,10 @@ import json
 import sys
 from pathlib import Path
 
-import fixmatch_accel.trainer as trainer
+import fixmatch_accel.evaluate as evaluate_module
 from fixmatch_accel.cli import main
 
-folder, real_evaluate, calls = Path(sys.argv[1]), trainer.evaluate, [0]
+folder, real_evaluate, calls = Path(sys.argv[1]), evaluate_module.evaluate, [0]
 
 
 def fingerprinting_evaluate(model, loader, accelerator, *args, **kwargs):
@@ -18,5 +18,5 @@ def fingerprinting_evaluate(model, loader, accelerator, *args, **kwargs):
     return real_evaluate(model, loader, accelerator, *args, **kwargs)
 
 
-trainer.evaluate = fingerprinting_evaluate
+evaluate_module.evaluate = fingerprinting_evaluate
 sys.exit(main(sys.argv[3:]))  # argv[2] is train.py, as conftest.run_train passes it

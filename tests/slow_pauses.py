@@ -3,7 +3,8 @@
 import sys
 import time
 
-import fixmatch_accel.trainer as trainer
+import fixmatch_accel.checkpoint as checkpoint
+import fixmatch_accel.evaluate as evaluate_module
 from fixmatch_accel.cli import main
 
 delay = float(sys.argv[1])
@@ -16,6 +17,6 @@ def slowed(real):
     return run
 
 
-trainer.evaluate = slowed(trainer.evaluate)
-trainer.save_checkpoint = slowed(trainer.save_checkpoint)
+evaluate_module.evaluate = slowed(evaluate_module.evaluate)
+checkpoint.save_checkpoint = slowed(checkpoint.save_checkpoint)
 sys.exit(main(sys.argv[3:]))  # argv[2] is train.py, as conftest.run_train passes it

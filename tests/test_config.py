@@ -68,14 +68,14 @@ def test_every_field_has_help_and_a_flag():
 def test_report_to_names_the_missing_package(monkeypatch):
     import accelerate.tracking
 
-    from fixmatch_accel.trainer import _trackers
+    from fixmatch_accel.runlog import trackers
 
     monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: ["wandb"])
-    assert _trackers("none") is None and _trackers("all") == "all" and _trackers("wandb") == ["wandb"]
+    assert trackers("none") is None and trackers("all") == "all" and trackers("wandb") == ["wandb"]
     with pytest.raises(UsageError, match="--report_to tensorboard: the package is not installed: pip install tensorboard"):
-        _trackers("wandb,tensorboard")
+        trackers("wandb,tensorboard")
     with pytest.raises(UsageError, match="--report_to 'tensorbored': unknown tracker"):
-        _trackers("tensorbored")
+        trackers("tensorbored")
 
 
 def test_help_lists_every_flag_with_its_default(capsys):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fixmatch_accel.fixmatch import fixmatch_loss
+from fixmatch_accel.algorithms.fixmatch import fixmatch_loss
 
 LOGITS_X = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
 TARGETS_X = torch.tensor([0, 1])

@@ -8,7 +8,7 @@ import torch
 from fixmatch_accel.ema import ModelEMA, ema_decay_at
 from fixmatch_accel.errors import UsageError
 from fixmatch_accel.models import BN_MOMENTUM, create_model
-from fixmatch_accel.trainer import cosine_lr_factor, param_groups
+from fixmatch_accel.optim import cosine_lr_factor, param_groups
 
 
 def n_params(model):

@@ -185,24 +185,24 @@ def test_only_an_own_checkpoint_continues_the_run_in_output_dir(finished, tmp_pa
     """A checkpoint of another run starts a new run: refused where a run is, as any new run there."""
     from fixmatch_accel.config import TrainConfig
     from fixmatch_accel.errors import UsageError
-    from fixmatch_accel.trainer import _check_output_dir, _resolve_resume
+    from fixmatch_accel.checkpoint import check_output_dir, resolve_resume
 
     own = str(finished / "checkpoints" / "step_2")
     other = str(shutil.copytree(finished, tmp_path / "other") / "checkpoints" / "step_2")
-    assert _check_output_dir(TrainConfig(output_dir=str(finished)), own) is False  # continues it
+    assert check_output_dir(TrainConfig(output_dir=str(finished)), own) is False  # continues it
     with pytest.raises(UsageError, match="already holds a run .* and --resume_from_checkpoint .* is not one of its"):
-        _check_output_dir(TrainConfig(output_dir=str(finished)), other)
-    assert _check_output_dir(TrainConfig(output_dir=str(finished), overwrite_output_dir=True), other) is True
-    assert _check_output_dir(TrainConfig(output_dir=str(tmp_path / "new")), other) is False
+        check_output_dir(TrainConfig(output_dir=str(finished)), other)
+    assert check_output_dir(TrainConfig(output_dir=str(finished), overwrite_output_dir=True), other) is True
+    assert check_output_dir(TrainConfig(output_dir=str(tmp_path / "new")), other) is False
     with pytest.raises(UsageError, match="--overwrite_output_dir with --resume_from_checkpoint .*drop one of the two"):
-        _check_output_dir(TrainConfig(output_dir=str(finished), overwrite_output_dir=True), own)
+        check_output_dir(TrainConfig(output_dir=str(finished), overwrite_output_dir=True), own)
     with pytest.raises(UsageError, match="--output_dir .* is a file, not a folder"):
-        _check_output_dir(TrainConfig(output_dir=str(finished / "config.json")), None)
+        check_output_dir(TrainConfig(output_dir=str(finished / "config.json")), None)
     with pytest.raises(UsageError, match="--resume_from_checkpoint .*checkpoints': not a checkpoint \\(no trainer_state"):
-        _resolve_resume(TrainConfig(output_dir=str(finished), resume_from_checkpoint=str(finished / "checkpoints")))
+        resolve_resume(TrainConfig(output_dir=str(finished), resume_from_checkpoint=str(finished / "checkpoints")))
     (finished / "checkpoints" / "step_9").mkdir()  # an empty step folder is the newest
     with pytest.raises(UsageError, match="step_9': not a checkpoint"):
-        _resolve_resume(TrainConfig(output_dir=str(finished), resume_from_checkpoint="latest"))
+        resolve_resume(TrainConfig(output_dir=str(finished), resume_from_checkpoint="latest"))
 
 
 def test_resuming_past_max_train_steps_is_a_clear_error(finished):

@@ -6,7 +6,7 @@ import torch
 
 from fixmatch_accel import augment
 from fixmatch_accel.models import create_model
-from fixmatch_accel.trainer import forward_loss, strong_forward_loss
+from fixmatch_accel.step import forward_loss, strong_forward_loss
 
 KW = dict(mean=torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1), std=torch.tensor([0.2, 0.2, 0.25]).view(1, 3, 1, 1),
           channels_last=False, threshold=0.5, temperature=1.0, lambda_u=1.0)

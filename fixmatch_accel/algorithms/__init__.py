@@ -1,0 +1,1 @@
+"""Semi-supervised objectives as pure functions of logits: no loop, data or Accelerator."""

@@ -1,0 +1,240 @@
+"""What a run reports: config.json, metrics.jsonl rows (all-reduced windows), the console line or bar, trackers."""
+
+import contextlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Dict, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import write_json
+from .errors import UsageError
+from .launch import num_machines, sync_device
+from .xla import XlaMetricsLog, is_xla
+from .xla import sync as xla_sync
+
+# The package to install for each accelerate tracker (accelerate itself only warns and logs nothing).
+TRACKER_PACKAGES = dict(tensorboard="tensorboard (or tensorboardX)", wandb="wandb", mlflow="mlflow", comet_ml="comet_ml",
+                        aim="aim", clearml="clearml", dvclive="dvclive", swanlab="swanlab", trackio="trackio")
+
+# Order of the statistics in the one flat tensor that is all-reduced at logging steps.
+SUMMED = ("loss", "loss_x", "loss_u", "mask_count", "num_unlabeled", "pseudo_label_correct")
+
+
+def trackers(report_to: str):
+    """`--report_to` as accelerate's log_with: None, 'all', or a list of installed trackers."""
+    from accelerate.tracking import get_available_trackers
+
+    if report_to == "none":
+        return None
+    if report_to == "all":
+        return "all"
+    names = [n.strip() for n in report_to.split(",") if n.strip()]
+    available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    for name in names:
+        if name not in TRACKER_PACKAGES:
+            raise UsageError(f"--report_to {name!r}: unknown tracker (choose from none, all, {', '.join(TRACKER_PACKAGES)})")
+        if name not in available:
+            raise UsageError(f"--report_to {name}: the package is not installed: pip install {TRACKER_PACKAGES[name]}")
+    return names
+
+
+def versions() -> Dict[str, str]:
+    import accelerate
+    import datasets
+    import timm
+
+    return dict(python=platform.python_version(), torch=torch.__version__, accelerate=accelerate.__version__,
+                datasets=datasets.__version__, timm=timm.__version__)
+
+
+def write_run_config(cfg, sources: Dict[str, str], accelerator, data, resolved, mean, std, num_labeled: int) -> None:
+    """config.json: timm-style model keys (so timm and fixmatch-predict prepare images alike) and every setting."""
+    world = accelerator.num_processes
+    B, U = cfg.per_device_train_batch_size, cfg.mu * cfg.per_device_train_batch_size
+    size = resolved.image_size
+    write_json(os.path.join(cfg.output_dir, "config.json"), dict(
+        architecture=cfg.model,
+        num_classes=data.num_classes,
+        label_names=data.class_names,
+        # interpolation / crop: timm's eval transform then resizes exactly as training did (bilinear, whole image).
+        pretrained_cfg=dict(input_size=[3, size, size], mean=mean, std=std, num_classes=data.num_classes,
+                            interpolation="bilinear", crop_pct=1.0, crop_mode="squash"),
+        settings=cfg.to_dict(),
+        setting_sources=sources,
+        resolved=dict(image_size=size, crop_padding=resolved.crop_padding, augment_device=resolved.augment_device,
+                      cache_decoded=resolved.cache_decoded, channels_last=resolved.channels_last,
+                      eval_split=data.eval_split, image_column=data.image_column, label_column=data.label_column,
+                      num_train=data.num_train, num_eval=len(data.eval_labels), num_labeled=num_labeled,
+                      streaming=data.streaming),
+        world_size=world,
+        num_machines=num_machines(world),
+        global_batch=dict(labeled=B * world, unlabeled=U * world),
+        mixed_precision=accelerator.mixed_precision,
+        device=str(accelerator.device),
+        versions=versions(),
+    ))
+
+
+class MetricsLog:
+    """metrics.jsonl on the main process, mirrored to accelerate's trackers."""
+
+    def __init__(self, accelerator, path: str, append: bool):
+        self.accelerator = accelerator
+        self.file = open(path, "a" if append else "w") if accelerator.is_main_process else None
+
+    def write(self, row: Dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        self.accelerator.log(scalars, step=row["step"])
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+class Window:
+    """A logging window's running sums, on the device: every step adds, so every step is the same graph."""
+
+    def __init__(self, device: torch.device, num_classes: int):
+        self.device, self.num_classes = device, num_classes
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.sums = {k: torch.zeros((), device=self.device) for k in SUMMED}
+        self.sums.update(mask_per_class=torch.zeros(self.num_classes, device=self.device),
+                         bad_images=torch.zeros((), dtype=torch.long, device=self.device),
+                         bad_row=torch.full((), -1, dtype=torch.long, device=self.device))  # below any bad row
+        if is_xla(self.device):  # made now, so the next step's graph finds them as inputs, not as constants
+            xla_sync()
+
+    def add(self, stats: Optional[Dict[str, torch.Tensor]], rows: torch.Tensor) -> None:
+        """One step's statistics (None for a skipped step) and its unlabeled rows (negative: replaced images)."""
+        s = self.sums
+        s["bad_images"] = s["bad_images"] + (rows < 0).sum()
+        s["bad_row"] = torch.maximum(s["bad_row"], (-rows - 1).max())
+        if stats is not None:
+            for k in (*SUMMED, "mask_per_class"):
+                s[k] = s[k] + stats[k]
+            self.steps += 1
+
+    def summarise(self, accelerator) -> Dict:
+        """All-reduce the sums and turn them into one log row (the host sync of a logging step)."""
+        s = self.sums
+        flat = torch.cat([torch.stack([s[k] for k in (*SUMMED, "bad_images")]), s["mask_per_class"]])
+        flat = accelerator.reduce(flat, reduction="sum").tolist()
+        loss, loss_x, loss_u, masked, unlabeled, correct, bad = flat[: len(SUMMED) + 1]
+        n = self.steps * accelerator.num_processes
+        return dict(
+            loss=loss / n, loss_x=loss_x / n, loss_u=loss_u / n,
+            mask_ratio=masked / max(unlabeled, 1.0),
+            pseudo_label_acc=correct / masked if masked else None,  # no confident image in the window: no accuracy
+            mask_per_class=[int(c) for c in flat[len(SUMMED) + 1:]],
+            bad_images=int(bad),
+        )
+
+
+class RunLog:
+    """metrics.jsonl rows at --logging_steps, the console line (or a bar on a terminal) and xla_metrics.json.
+
+    Training throughput leaves out the time spent in `paused()` (evaluations, checkpoints).
+    """
+
+    def __init__(self, accelerator, cfg, state, *, num_classes: int, resumed: bool, bad_images, nonfinite):
+        self.accelerator, self.cfg, self.state = accelerator, cfg, state
+        self.bad_images, self.nonfinite = bad_images, nonfinite
+        self.show_bar = accelerator.is_main_process and sys.stderr.isatty()  # plain lines in logs
+        self.metrics = MetricsLog(accelerator, os.path.join(cfg.output_dir, "metrics.jsonl"), append=resumed)
+        # On XLA: compile and CPU-fallback counts at each logging step, so a TPU run can be checked for recompiles.
+        self.xla_metrics = (XlaMetricsLog(os.path.join(cfg.output_dir, "xla_metrics.json"),
+                                          resume_step=state.step if resumed else None)
+                            if is_xla(accelerator.device) and accelerator.is_main_process else None)
+        self.start_step = state.step
+        self.bar = tqdm(total=cfg.max_train_steps, initial=state.step, desc="fixmatch", disable=not self.show_bar,
+                        dynamic_ncols=True)
+        self.window = Window(accelerator.device, num_classes)
+        self.window_start, self.paused_s = time.perf_counter(), 0.0
+
+    def add(self, stats: Optional[Dict[str, torch.Tensor]], rows: torch.Tensor) -> None:
+        """Statistics stay on the device until a logging step."""
+        self.window.add(stats, rows)
+        if stats is None:
+            self.state.skipped += 1
+        self.bar.update(1)
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.logging_steps == 0 or step == self.cfg.max_train_steps
+
+    def write(self, step: int, lr: float) -> None:
+        """Reduce the window over processes and write its row (the host sync of a logging step)."""
+        if not self.window.steps:
+            return
+        summary = self.window.summarise(self.accelerator)
+        if not math.isfinite(summary["loss"]):
+            raise self.nonfinite(step, step - self.window.steps)
+        if summary["bad_images"]:
+            self.state.bad_images += summary["bad_images"]
+            bad_row = int(self.accelerator.gather(self.window.sums["bad_row"].view(1)).max())
+            self.bad_images.check_training(self.state.bad_images, bad_row, step * self.images_per_step)
+        world, B, U = self._batch()
+        elapsed = time.perf_counter() - self.window_start - self.paused_s
+        row = dict(step=step, lr=lr, images_per_s=self.images_per_step * self.window.steps / max(elapsed, 1e-9),
+                   labeled_seen=step * B * world, unlabeled_seen=step * U * world,
+                   skipped_steps=self.state.skipped, skipped_images=self.bad_images.total(self.state.bad_images),
+                   **{k: v for k, v in summary.items() if k != "bad_images"})
+        self.metrics.write(row)
+        self._show(row)
+        self.window.reset()
+        self.window_start, self.paused_s = time.perf_counter(), 0.0
+        if self.xla_metrics is not None:  # after the window's reset, so the row holds all of this step's graphs
+            self.xla_metrics.write(step, since_step=self.start_step)
+
+    def _batch(self):
+        B = self.cfg.per_device_train_batch_size
+        return self.accelerator.num_processes, B, self.cfg.mu * B
+
+    @property
+    def images_per_step(self) -> int:
+        world, B, U = self._batch()
+        return (B + U) * world
+
+    def _show(self, row: Dict) -> None:
+        pl_acc = "-" if row["pseudo_label_acc"] is None else f"{row['pseudo_label_acc']:.3f}"
+        if self.show_bar:
+            self.bar.set_postfix(loss=f"{row['loss']:.3f}", mask=f"{row['mask_ratio']:.2f}", pl_acc=pl_acc,
+                                 img_s=f"{row['images_per_s']:.0f}")
+        else:
+            self.accelerator.print(f"step {row['step']}/{self.cfg.max_train_steps} loss {row['loss']:.4f} "
+                                   f"loss_u {row['loss_u']:.4f} mask {row['mask_ratio']:.3f} "
+                                   f"pl_acc {pl_acc} lr {row['lr']:.5f} img/s {row['images_per_s']:.0f}", flush=True)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Evaluation and checkpoints run off the window's clock; the queued training work finishes on it."""
+        sync_device(self.accelerator.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - start
+
+    def write_eval(self, step: int, result: Dict) -> None:
+        self.metrics.write(dict(step=step, top1=result["top1"], top5=result["top5"], per_class=result["per_class"],
+                                # not "skipped_images": trackers would mix it up with the training rows' count
+                                num_eval=result["num_eval"], eval_skipped_images=result["skipped_images"]))
+
+    def close_bar(self) -> None:
+        self.bar.close()
+
+    def finish(self, step: int) -> None:
+        if self.xla_metrics is not None:  # the whole run's counts: the last evaluation and checkpoint included
+            self.xla_metrics.write(step, since_step=self.start_step, end=True)
+        self.metrics.close()
