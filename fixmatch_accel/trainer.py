@@ -32,7 +32,7 @@ from .errors import UsageError, describe
 from .evaluate import evaluate
 from .fixmatch import fixmatch_loss
 from .models import create_model
-from .streaming import StreamImages, StreamLoader, batches_per_pass, fetch_rows, unlabeled_stream
+from .data.streaming import StreamImages, StreamLoader, batches_per_pass, fetch_rows, unlabeled_stream
 from .xla import PaddedToMultiple, XlaMetricsLog, give_loader_dataset, is_xla, load_models_on_host, padded_collate
 from .xla import sync as xla_sync
 
