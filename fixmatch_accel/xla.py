@@ -16,8 +16,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-# The row of a padding example in an evaluation batch: neither counted nor a skipped (unreadable) image.
-PAD_ROW = -(2**62)
+from .data.rows import PAD_ROW  # the row of a padding example (data/rows.py holds the row convention)
 
 
 def is_xla(device: torch.device) -> bool:

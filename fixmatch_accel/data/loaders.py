@@ -2,6 +2,7 @@
 
 Every loader yields uint8 images [C, H, W] of one size; normalisation happens on
 the training device, so the host moves a quarter of the bytes that float32 would.
+A sample is (*views, label, row); rows.py says what a row may hold.
 """
 
 import random
@@ -13,6 +14,7 @@ import torch
 from torchvision.transforms.functional import pil_to_tensor
 
 from .images import BadImage, decode_image, to_rgb
+from .rows import unreadable, unreadable_source_row, valid_mask
 
 
 class SampleSeeds:
@@ -52,9 +54,9 @@ class ImageDataset(torch.utils.data.Dataset):
 
     `views` are functions PIL RGB image -> PIL image; each view becomes a uint8
     [C, H, W] tensor. With no view the decoded image itself is returned. An image
-    that cannot be decoded comes back as a black filler whose row is -(row + 1);
+    that cannot be decoded comes back as a black filler whose row is rows.unreadable(row);
     `collate_fillers` replaces it with a good sample of its batch, and the trainer
-    counts negative rows as skipped images.
+    counts those rows as skipped images.
     """
 
     def __init__(self, dataset, indices: Sequence[int], image_column: str, label_column: str,
@@ -83,7 +85,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
 def sample(value, label: int, row: int, size: int, views: Sequence[Callable],
            seeds: Optional[SampleSeeds] = None, draw: int = 0):
-    """(*uint8 views, label, row) of one stored image, or a black filler with row -(row + 1) if it is bad.
+    """(*uint8 views, label, row) of one stored image, or a black filler with row unreadable(row) if it is bad.
 
     With `seeds`, the views' random draws come from seeds(draw) (`draw` unique within a pass).
     """
@@ -91,20 +93,21 @@ def sample(value, label: int, row: int, size: int, views: Sequence[Callable],
         image = to_rgb(decode_image(value), size)
     except BadImage:
         filler = torch.zeros(3, size, size, dtype=torch.uint8)
-        return (*(filler for _ in views), label, -(row + 1))
+        return (*(filler for _ in views), label, unreadable(row))
     with seeds(draw) if seeds is not None else nullcontext():
         return (*(pil_to_tensor(view(image)) for view in views), label, row)
 
 
 def collate_fillers(samples):
-    """default_collate, then every filler (row < 0) takes the images and label of the batch's first good sample.
+    """default_collate, then every sample without a valid row takes the images and label of the batch's first good one.
 
-    A batch keeps its static shape; rows stay negative so the bad images are counted
-    (and left out of evaluation). Runs in the DataLoader workers, off the training step.
+    A batch keeps its static shape; rows stay as they were so the bad images are counted
+    (and left out of evaluation). Padding (PAD_ROW) is filled the same way; it is left out too.
+    Runs in the DataLoader workers, off the training step.
     """
     batch = torch.utils.data.default_collate(samples)
     rows = batch[-1]
-    bad = rows < 0
+    bad = ~valid_mask(rows)
     if bad.any() and not bad.all():
         good = int(torch.nonzero(~bad)[0])
         for part in batch[:-1]:
@@ -164,8 +167,8 @@ def decode_split(dataset, image_column: str, label_column: str, size: int, num_w
     labels = torch.empty(len(dataset), dtype=torch.long)
     bad: List[int] = []
     for batch_images, batch_labels, rows in tqdm(loader, desc="decoding", disable=not show_progress, leave=False):
-        good = rows >= 0
+        good = valid_mask(rows)
         images[rows[good]] = batch_images[good]
-        labels[torch.where(good, rows, -rows - 1)] = batch_labels
-        bad += (-rows[~good] - 1).tolist()
+        labels[torch.where(good, rows, unreadable_source_row(rows))] = batch_labels
+        bad += unreadable_source_row(rows[~good]).tolist()
     return images, labels, bad
