@@ -93,7 +93,8 @@ def load_models_on_host(models: list, input_dir: str) -> None:
     from safetensors.torch import load_file
 
     for i, model in enumerate(models):
-        model.load_state_dict(load_file(os.path.join(input_dir, f"{SAFE_MODEL_NAME}{f'_{i}' if i else ''}.safetensors")))
+        name = f"{SAFE_MODEL_NAME}{f'_{i}' if i else ''}.safetensors"
+        model.load_state_dict(load_file(os.path.join(input_dir, name)))
     models.clear()
 
 
