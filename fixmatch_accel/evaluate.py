@@ -6,8 +6,9 @@ from typing import Callable, Dict
 import torch
 from tqdm.auto import tqdm
 
+from .data.rows import unreadable_mask, valid_mask
 from .launch import from_main_process
-from .xla import PAD_ROW, sync
+from .xla import sync
 
 
 @torch.no_grad()
@@ -18,7 +19,7 @@ def evaluate(model, loader, accelerator, prepare_inputs: Callable, num_classes: 
     A prepared loader: `gather_for_metrics` drops the samples that the last uneven
     batch repeats, so each image counts once. A `sharded` loader (a stream split by
     node, or a loader padded to full batches on XLA) gives each process a disjoint share: counts stay local and
-    are summed once at the end. Unreadable images (negative rows) are left out and counted;
+    are summed once at the end. Unreadable images (data.rows.unreadable_mask) are left out and counted;
     padding (row PAD_ROW, which keeps every batch one shape on XLA) is left out.
     Counts accumulate on the device; one host transfer at the end.
     """
@@ -37,12 +38,12 @@ def evaluate(model, loader, accelerator, prepare_inputs: Callable, num_classes: 
         topk = logits.float().topk(k, dim=-1).indices
         if not sharded:
             topk, labels, rows = accelerator.gather_for_metrics((topk, labels, rows))
-        valid = (rows >= 0).float()
+        valid = valid_mask(rows).float()
         hit1 = (topk[:, 0] == labels).float() * valid
         correct1.index_add_(0, labels, hit1)
         correct5 += ((topk == labels[:, None]).any(dim=-1).float() * valid).sum()
         total.index_add_(0, labels, valid)
-        skipped += ((rows < 0) & (rows != PAD_ROW)).float().sum()
+        skipped += unreadable_mask(rows).float().sum()
         if xla:  # one graph per batch (a stream's loader does not cut graphs as accelerate's loader does)
             sync()
     counts = torch.cat([correct1, correct5.view(1), total, skipped.view(1)])

@@ -2,7 +2,7 @@
 
 Images are prepared exactly as the training run's evaluation prepares them: decoded
 (data.decode_image), made RGB at the run's size (data.to_rgb), then normalised on the
-device with the run's mean and std (trainer.model_inputs). The predictions go to a CSV
+device with the run's mean and std (step.model_inputs). The predictions go to a CSV
 file, one row per image; accuracy is printed when true labels are known.
 """
 
@@ -11,14 +11,13 @@ import csv
 import os
 import sys
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence
 
 import torch
 from PIL import Image as PILImage
 from torchvision.transforms.functional import pil_to_tensor
 
-from .data import BadImage, _load_raw, _pick_column, decode_image, to_rgb
+from .data import BadImage, check_image_column, decode_image, load_named_dataset, pick_column, to_rgb
 from .errors import UsageError, describe
 
 TOP_K = 5
@@ -122,19 +121,17 @@ def dataset_inputs(args) -> Inputs:
     """A split of a hub / local dataset (or 'digits'), loaded as training loads it, images left undecoded."""
     from datasets import ClassLabel, Image
 
-    raw = _load_raw(SimpleNamespace(train_dir=None, validation_dir=None, dataset_name=args.dataset_name,
-                                    dataset_config_name=args.dataset_config_name))
+    raw = load_named_dataset(args.dataset_name, args.dataset_config_name)
     split = args.split or next((s for s in ("validation", "test") if s in raw), None)
     if split is None or split not in raw:
         what = f"--split {args.split!r}: no such split" if args.split else "no 'validation' or 'test' split"
         raise UsageError(f"{what} (splits: {', '.join(raw)}): name one with --split")
     dataset = raw[split]
     features = dataset.features
-    image_col = _pick_column(features, "image_column_name", args.image_column_name, Image, "Image")
-    if not isinstance(features[image_col], Image):
-        raise UsageError(f"--image_column_name {image_col!r} holds {features[image_col]}, not images")
+    image_col = pick_column(features, "image_column_name", args.image_column_name, Image, "Image")
+    check_image_column(features, image_col)
     if args.label_column_name is not None:
-        label_col = _pick_column(features, "label_column_name", args.label_column_name, ClassLabel, "ClassLabel")
+        label_col = pick_column(features, "label_column_name", args.label_column_name, ClassLabel, "ClassLabel")
     else:  # optional here: predictions need no labels
         found = [k for k, v in features.items() if isinstance(v, ClassLabel)]
         label_col = found[0] if len(found) == 1 else None
@@ -170,7 +167,7 @@ def predict(run: RunModel, inputs: Inputs, device: torch.device, batch_size: int
     """(rows for the CSV, [(name, error)] of the images that could not be read); progress bar on a terminal."""
     from tqdm.auto import tqdm
 
-    from .trainer import model_inputs
+    from .step import model_inputs
 
     names = run.label_names
     k = min(TOP_K, len(names))

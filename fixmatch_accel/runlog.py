@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import write_json
+from .data.rows import unreadable_mask, unreadable_source_row
 from .errors import UsageError
 from .launch import num_machines, sync_device
 from .xla import XlaMetricsLog, is_xla
@@ -119,8 +120,8 @@ class Window:
     def add(self, stats: Optional[Dict[str, torch.Tensor]], rows: torch.Tensor) -> None:
         """One step's statistics (None for a skipped step) and its unlabeled rows (negative: replaced images)."""
         s = self.sums
-        s["bad_images"] = s["bad_images"] + (rows < 0).sum()
-        s["bad_row"] = torch.maximum(s["bad_row"], (-rows - 1).max())
+        s["bad_images"] = s["bad_images"] + unreadable_mask(rows).sum()
+        s["bad_row"] = torch.maximum(s["bad_row"], unreadable_source_row(rows).max())
         if stats is not None:
             for k in (*SUMMED, "mask_per_class"):
                 s[k] = s[k] + stats[k]

@@ -19,11 +19,11 @@ from .evaluate import Evaluator
 from .launch import make_accelerator
 from .models import create_model
 from .optim import build_optimizer
-from .pipeline import BadImages, build_loaders, decode_cache, endless, num_workers
+from .data.pipeline import BadImages, build_loaders, decode_cache, endless, num_workers
 from .runlog import RunLog, trackers, write_run_config
 from .step import TrainStep, model_inputs
 from .stop import StopSignal, all_finite, finite_weights, nonfinite
-from .streaming import StreamLoader
+from .data.streaming import StreamLoader
 from .xla import give_loader_dataset, is_xla, load_models_on_host
 
 

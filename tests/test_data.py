@@ -48,10 +48,10 @@ def test_digits_are_scikit_learns_rows_and_split_without_importing_it():
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    from fixmatch_accel.data import _digits_arrays
+    from fixmatch_accel.data.digits import digits_arrays
 
     digits = load_digits()
-    images, target = _digits_arrays()
+    images, target = digits_arrays()
     assert np.array_equal(images, digits.images) and np.array_equal(target, digits.target)
     train_idx, test_idx = train_test_split(np.arange(len(target)), test_size=0.25, stratify=target, random_state=0)
     ds = load_digits_dataset()

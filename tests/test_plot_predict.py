@@ -348,7 +348,7 @@ def project_inputs_and_logits(run_dir: Path):
 
     from fixmatch_accel.data import to_rgb
     from fixmatch_accel.predict import load_run_model
-    from fixmatch_accel.trainer import model_inputs
+    from fixmatch_accel.step import model_inputs
 
     run = load_run_model(str(run_dir), torch.device("cpu"))
     files = sorted((run_dir.parent / "val").glob("*/*.png"))
@@ -386,7 +386,7 @@ def test_timm_eval_transform_matches_training_preprocessing(timm_run):
 
     from fixmatch_accel.data import to_rgb
     from fixmatch_accel.predict import load_run_model
-    from fixmatch_accel.trainer import model_inputs
+    from fixmatch_accel.step import model_inputs
 
     run = load_run_model(str(timm_run), torch.device("cpu"))
     model = timm.create_model(f"local-dir:{timm_run}", pretrained=True)

@@ -14,9 +14,9 @@ from PIL import Image
 from conftest import ROOT, run_train, write_image_folder
 from fixmatch_accel.config import TrainConfig
 from fixmatch_accel.data import (BadImage, decode_image, labeled_examples, labeled_split, load_data, to_rgb)
+from fixmatch_accel.data.streaming import batches_per_pass, cut_pieces, num_pieces, unlabeled_stream
 from fixmatch_accel.errors import UsageError
-from fixmatch_accel.streaming import batches_per_pass, cut_pieces, num_pieces, unlabeled_stream
-from fixmatch_accel.trainer import build_loaders
+from fixmatch_accel.data.pipeline import build_loaders
 
 SHARDS = (70, 50, 80)  # rows per parquet shard: 3 shards, which do not divide 2 processes
 
@@ -309,13 +309,13 @@ def test_image_folder_with_one_class(tmp_path, streaming):
 
 
 def test_the_label_pass_of_a_parquet_stream_reads_only_the_label_column(parquet_dir, tmp_path):
-    from fixmatch_accel.data import _label_streams
+    from fixmatch_accel.data.streaming import label_streams
 
     cfg = TrainConfig(dataset_name=str(parquet_dir), streaming=True)
     data = load_data(cfg)
-    only = _label_streams(cfg, "label", {"train": data.train, "test": data.eval})
+    only = label_streams(cfg, "label", {"train": data.train, "test": data.eval})
     assert set(only) == {"train", "test"} and list(only["train"].features) == ["label"]
     assert [row["label"] for row in only["train"]] == data.train_labels.tolist()
     # An image folder's builder takes no column list: the pass falls back to whole rows.
     folder = write_image_folder(tmp_path / "train")
-    assert _label_streams(TrainConfig(train_dir=str(folder)), "label", {}) == {}
+    assert label_streams(TrainConfig(train_dir=str(folder)), "label", {}) == {}

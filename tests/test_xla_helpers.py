@@ -4,8 +4,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from fixmatch_accel.data import DecodedImages, batch_identity, collate_fillers
+from fixmatch_accel.data.rows import PAD_ROW, unreadable, unreadable_mask, unreadable_source_row, valid_mask
 from fixmatch_accel.evaluate import evaluate
-from fixmatch_accel.xla import PAD_ROW, PaddedToMultiple, pad_batch
+from fixmatch_accel.data.padding import PaddedToMultiple, pad_batch
 
 
 class PerItem(torch.utils.data.Dataset):
@@ -16,6 +17,15 @@ class PerItem(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return torch.full((3, 2, 2), i, dtype=torch.uint8), i % 2, -(i + 1) if i == 3 else i
+
+
+def test_the_row_convention_tells_images_unreadable_marks_and_padding_apart():
+    rows = torch.tensor([0, 5, unreadable(0), unreadable(7), PAD_ROW])
+    assert rows.tolist()[2:4] == [-1, -8]
+    assert valid_mask(rows).tolist() == [True, True, False, False, False]
+    assert unreadable_mask(rows).tolist() == [False, False, True, True, False]
+    assert unreadable_source_row(rows[unreadable_mask(rows)]).tolist() == [0, 7]
+    assert unreadable(3) == -4 and unreadable_mask(torch.tensor(PAD_ROW)).item() is False
 
 
 def test_pad_batch_fills_a_short_batch_with_pad_rows():

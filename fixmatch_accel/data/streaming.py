@@ -9,18 +9,56 @@ every pass (`set_epoch`), and every example carries its position in the split,
 the same index the map-style path uses.
 """
 
+import os
 from itertools import islice
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .data import SampleSeeds, sample
+from .loaders import SampleSeeds, sample
 
 # One piece: segments (shard, first row in the shard, row after the last, position of the shard's first row).
 Piece = Tuple[Tuple[int, int, int, int], ...]
 
 POSITION = "__position"  # the column the piece generator adds
+
+
+def _yield_from(stream):
+    yield from stream
+
+
+def first_rows(stream, n: int):
+    """The first n rows of a stream, as a stream of one piece.
+
+    `take(n)` keeps the stream's pieces, and split_dataset_by_node would then give each process
+    the first n / processes rows of its own pieces, not its share of the first n; a stream of one
+    piece is split row by row (each process reads the n rows and keeps every k-th).
+    """
+    from datasets import IterableDataset
+
+    taken = stream.take(n)
+    return IterableDataset.from_generator(_yield_from, gen_kwargs=dict(stream=taken), features=taken.features)
+
+
+def label_streams(cfg, label_col: str, streams: Dict) -> Dict:
+    """The same splits read with only the label column, where the builder can skip the others on disk.
+
+    Parquet (the hub's format) takes `columns=`, so the label pass does not read the image
+    bytes of a large split. Other builders refuse the argument: then {} (the label pass
+    selects the column from whole rows). A split is used only if it has the same shards.
+    """
+    from datasets import load_dataset
+
+    if cfg.train_dir is not None or cfg.dataset_name == "digits":
+        return {}
+    try:
+        raw = load_dataset(os.path.expanduser(cfg.dataset_name), cfg.dataset_config_name, streaming=True,
+                           columns=[label_col])
+    except Exception:  # the builder takes no `columns`: read whole rows
+        return {}
+    return {name: raw[name] for name, stream in streams.items()
+            if name in raw and raw[name].n_shards == stream.n_shards and list(raw[name].features) == [label_col]}
 
 
 def label_pass(stream, label_column: str, limit: Optional[int] = None, show_progress: bool = False):
@@ -142,7 +180,7 @@ def batches_per_pass(counts: Sequence[int], world: int, workers: int, batch_size
 
 
 class StreamImages(torch.utils.data.IterableDataset):
-    """A datasets stream of undecoded rows as (*uint8 views, label, position) samples (see data.sample)."""
+    """A datasets stream of undecoded rows as (*uint8 views, label, position) samples (see loaders.sample)."""
 
     def __init__(self, stream, image_column: str, label_column: str, size: int, views=(), label_map=None,
                  seeds: Optional[SampleSeeds] = None):

@@ -6,12 +6,13 @@ from typing import Callable, List, Sequence, Tuple
 
 from torch.utils.data import DataLoader
 
-from . import augment
-from .data import (DecodedImages, ImageDataset, SampleSeeds, batch_identity, collate_fillers, decode_split, image_name,
-                   repeat_to_fill)
-from .errors import UsageError
+from .. import augment
+from ..errors import UsageError
+from ..xla import is_xla
+from .images import image_name
+from .loaders import DecodedImages, ImageDataset, SampleSeeds, batch_identity, collate_fillers, decode_split, repeat_to_fill
+from .padding import PaddedToMultiple, padded_collate
 from .streaming import StreamImages, StreamLoader, batches_per_pass, fetch_rows, unlabeled_stream
-from .xla import PaddedToMultiple, is_xla, padded_collate
 
 
 def num_workers(cfg) -> int:
@@ -68,10 +69,10 @@ def decode_cache(cfg, data, size: int, show_progress: bool):
     unreadable train images [(row, name, reason)], unreadable eval images, train images read)."""
     cache, bad = [], []
     for split in (data.train, data.eval):
-        images, labels, rows = decode_split(split, data.image_column, data.label_column, size, num_workers(cfg),
-                                            show_progress=show_progress)
-        bad.append([(r, image_name(split[r][data.image_column], r), "cannot be decoded") for r in rows])
-        cache.append((images, labels, sorted(set(range(len(labels))) - set(rows))))
+        images, labels, unreadable = decode_split(split, data.image_column, data.label_column, size, num_workers(cfg),
+                                                  show_progress=show_progress)
+        bad.append([(r, image_name(split[r][data.image_column], r), "cannot be decoded") for r in unreadable])
+        cache.append((images, labels, sorted(set(range(len(labels))) - set(unreadable))))
     return cache, bad[0], bad[1], len(cache[0][1])
 
 

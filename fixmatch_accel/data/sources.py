@@ -1,0 +1,266 @@
+"""Where the data comes from: a hub or local dataset, two image folders, or the digits demo.
+
+load_data opens the train and eval splits, finds the image and label columns, reads
+every label (one pass over the label column of a stream) and checks the classes.
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from ..errors import UsageError
+from .digits import load_digits_dataset
+from .streaming import first_rows, label_pass, label_streams
+
+
+@dataclass
+class SplitData:
+    """What the trainer needs to know about the loaded data.
+
+    `train` and `eval` hold images undecoded (see decode_image): a datasets.Dataset,
+    or with --streaming a datasets.IterableDataset. `train_labels` are the class
+    indices of the train split in order (the positions the labeled split refers to).
+    """
+
+    train: "datasets.Dataset"  # noqa: F821
+    eval: "datasets.Dataset"  # noqa: F821
+    image_column: str
+    label_column: str
+    class_names: List[str]
+    eval_split: str
+    train_labels: np.ndarray = None
+    eval_labels: np.ndarray = None
+    shard_sizes: Optional[List[int]] = None  # streaming: rows in each shard of the train split
+    label_map: Optional[Dict] = None  # streaming with plain int/str labels: value -> class index
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_labels)
+
+    @property
+    def streaming(self) -> bool:
+        return self.shard_sizes is not None
+
+
+def load_named_dataset(name: str, config_name: Optional[str] = None, streaming: bool = False):
+    """The splits (a DatasetDict) of --dataset_name: a hub id, a local dataset folder, or 'digits'."""
+    from datasets import IterableDatasetDict, load_dataset
+
+    if name == "digits":
+        digits = load_digits_dataset()
+        if streaming:  # four shards, so that the streaming path can be tried on it
+            return IterableDatasetDict({k: v.to_iterable_dataset(num_shards=4) for k, v in digits.items()})
+        return digits
+    path = os.path.expanduser(name)
+    # a path, not a hub id: it starts like one, or its first part is a folder here
+    local = name.startswith(("/", "./", "../", "~")) or ("/" in name and os.path.isdir(name.split("/")[0]))
+    if local and not os.path.exists(path):
+        raise UsageError(f"--dataset_name {name!r}: no such folder")
+    if os.path.isfile(path):
+        raise UsageError(f"--dataset_name {name!r} is a file: give the folder that holds the dataset's files "
+                         "(its train and validation/test splits)")
+    try:
+        return load_dataset(path, config_name, streaming=streaming)
+    except (FileNotFoundError, ConnectionError, ValueError) as e:
+        raise UsageError(f"--dataset_name {name!r}: {str(e).splitlines()[0]}") from None
+
+
+def _load_image_folders(cfg, streaming: bool):
+    from datasets import load_dataset
+
+    for flag, path in (("--train_dir", cfg.train_dir), ("--validation_dir", cfg.validation_dir)):
+        if path is not None and not os.path.isdir(path):
+            raise UsageError(f"{flag} {path!r}: no such folder")
+    # One builder call for both folders, so both splits share one class list. drop_labels=False: by
+    # default the builder drops the class folders when the two folders lie at different depths.
+    files = {"train": os.path.join(cfg.train_dir, "**")}
+    if cfg.validation_dir is not None:
+        files["validation"] = os.path.join(cfg.validation_dir, "**")
+    try:
+        return load_dataset("imagefolder", data_files=files, drop_labels=False, streaming=streaming)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--train_dir {cfg.train_dir!r}: {str(e).splitlines()[0]}") from None
+
+
+def _load_raw(cfg, streaming: bool = False):
+    if cfg.train_dir is not None:
+        return _load_image_folders(cfg, streaming)
+    return load_named_dataset(cfg.dataset_name, cfg.dataset_config_name, streaming)
+
+
+def pick_column(features, flag: str, given: Optional[str], feature_type, kind: str) -> str:
+    """The column named by --`flag` (`given`), else the one column of `feature_type`; `kind` names it in errors."""
+    if given is not None:
+        if given not in features:
+            raise UsageError(f"--{flag} {given!r}: no such column (columns: {', '.join(features)})")
+        return given
+    found = [k for k, v in features.items() if isinstance(v, feature_type)]
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)} ({', '.join(found)})"
+        raise UsageError(f"found {what} {kind} columns among {', '.join(features)}: name one with --{flag}")
+    return found[0]
+
+
+def check_image_column(features, image_col: str) -> None:
+    """A column named by --image_column_name must hold images."""
+    from datasets import Image
+
+    if not isinstance(features[image_col], Image):
+        raise UsageError(f"--image_column_name {image_col!r} holds {features[image_col]}, not images")
+
+
+def _pick_splits(cfg, raw):
+    """(train split, eval split, the eval split's name): --eval_split, else 'validation' or 'test'."""
+    if cfg.train_split not in raw:
+        raise UsageError(f"--train_split {cfg.train_split!r}: no such split (splits: {', '.join(raw)})")
+    eval_split = cfg.eval_split
+    if eval_split is None:
+        eval_split = next((s for s in ("validation", "test") if s in raw), None)
+        if eval_split is None:
+            raise UsageError(
+                f"no 'validation' or 'test' split (splits: {', '.join(raw)}): name one with --eval_split"
+                + (" or give --validation_dir" if cfg.train_dir else "")
+            )
+    elif eval_split not in raw:
+        raise UsageError(f"--eval_split {eval_split!r}: no such split (splits: {', '.join(raw)})")
+    return raw[cfg.train_split], raw[eval_split], eval_split
+
+
+def _pick_columns(cfg, features, eval_features, eval_split: str):
+    """(image column, label column, whether the labels are plain int/str values rather than a ClassLabel)."""
+    from datasets import ClassLabel, Image, Value
+
+    if features is None:
+        raise UsageError(f"--dataset_name {cfg.dataset_name!r}: the stream does not declare its features; "
+                         "load it without --streaming or give it typed columns (Image, ClassLabel)")
+    image_col = pick_column(features, "image_column_name", cfg.image_column_name, Image, "Image")
+    label_col = pick_column(features, "label_column_name", cfg.label_column_name, ClassLabel, "ClassLabel")
+    check_image_column(features, image_col)
+    for column in (image_col, label_col):
+        if eval_features is not None and column not in eval_features:
+            raise UsageError(f"eval split {eval_split!r} has no column {column!r} "
+                             f"(columns: {', '.join(eval_features)})")
+    plain = not isinstance(features[label_col], ClassLabel)
+    if plain:
+        dtype = getattr(features[label_col], "dtype", None)
+        if not isinstance(features[label_col], Value) or not (dtype.startswith(("int", "uint")) or dtype == "string"):
+            raise UsageError(f"--label_column_name {label_col!r} holds {features[label_col]}, not class labels")
+    return image_col, label_col, plain
+
+
+def _stream_labels(cfg, train, evaluation, eval_split: str, label_col: str, plain: bool, show_progress: bool):
+    """One pass over each stream's labels: (train values, eval values, class names, shard sizes, label map)."""
+    labels_only = label_streams(cfg, label_col, {cfg.train_split: train, eval_split: evaluation})
+    train_values, shard_sizes = label_pass(labels_only.get(cfg.train_split, train), label_col,
+                                           cfg.max_train_samples, show_progress)
+    eval_values, _ = label_pass(labels_only.get(eval_split, evaluation), label_col, cfg.max_eval_samples)
+    label_map = None
+    if plain:
+        label_map, class_names = _class_index(train_values, eval_values)
+        train_values, eval_values = [label_map[v] for v in train_values], [label_map[v] for v in eval_values]
+    else:
+        class_names = list(train.features[label_col].names)
+    return train_values, eval_values, class_names, shard_sizes, label_map
+
+
+def _table_labels(cfg, train, evaluation, label_col: str, plain: bool):
+    """Map-style splits: (train, eval, train values, eval values, class names), plain labels encoded."""
+    if plain:
+        train, evaluation = _encode_labels(train, evaluation, label_col)
+    if cfg.max_train_samples is not None:
+        train = train.select(range(min(cfg.max_train_samples, len(train))))
+    class_names = list(train.features[label_col].names)
+    return train, evaluation, train[label_col], evaluation[label_col], class_names
+
+
+def load_data(cfg, show_progress: bool = False) -> SplitData:
+    """Load the train and eval splits, find the image and label columns, read the labels."""
+    from datasets import Image
+
+    streaming = getattr(cfg, "streaming", False)
+    train, evaluation, eval_split = _pick_splits(cfg, _load_raw(cfg, streaming))
+    image_col, label_col, plain = _pick_columns(cfg, train.features, evaluation.features, eval_split)
+    # Undecoded: a bad image is skipped and counted by the loaders, never an exception inside datasets.
+    train = train.cast_column(image_col, Image(decode=False))
+    evaluation = evaluation.cast_column(image_col, Image(decode=False))
+    if cfg.max_eval_samples is not None:
+        evaluation = (first_rows(evaluation, cfg.max_eval_samples) if streaming
+                      else evaluation.select(range(min(cfg.max_eval_samples, len(evaluation)))))
+
+    label_map, shard_sizes = None, None
+    if streaming:
+        train_values, eval_values, class_names, shard_sizes, label_map = _stream_labels(
+            cfg, train, evaluation, eval_split, label_col, plain, show_progress)
+    else:
+        train, evaluation, train_values, eval_values, class_names = _table_labels(cfg, train, evaluation,
+                                                                                  label_col, plain)
+    train_labels, eval_labels = np.asarray(train_values, dtype=np.int64), np.asarray(eval_values, dtype=np.int64)
+    _check_label_values(cfg, label_col, class_names, train_labels, eval_labels, eval_split)
+    _check_classes(cfg, class_names, train_labels, eval_labels, eval_split)
+    return SplitData(train, evaluation, image_col, label_col, class_names, eval_split, train_labels, eval_labels,
+                     shard_sizes, label_map)
+
+
+def _check_label_values(cfg, label_col: str, class_names: List[str], train_labels: np.ndarray,
+                        eval_labels: np.ndarray, eval_split: str) -> None:
+    """Every label is a class index 0..classes - 1."""
+    for split, values in ((cfg.train_split, train_labels), (eval_split, eval_labels)):
+        outside = np.flatnonzero((values < 0) | (values >= len(class_names)))
+        if len(outside):
+            raise UsageError(f"--label_column_name {label_col!r}: split {split!r} holds the value "
+                             f"{values[outside[0]]} (row {outside[0]}), outside the {len(class_names)} classes "
+                             f"0..{len(class_names) - 1}")
+
+
+def _check_classes(cfg, class_names: List[str], train_labels: np.ndarray, eval_labels: np.ndarray,
+                   eval_split: str) -> None:
+    """The train split must hold two classes or more, and every class the eval split holds."""
+    if cfg.train_dir is not None:  # a folder the builder found no image in would silently not be a class
+        empty = [d.name for d in os.scandir(cfg.train_dir) if d.is_dir() and not d.name.startswith(".")
+                 and d.name not in class_names]
+        if empty:
+            raise UsageError(f"--train_dir {cfg.train_dir!r}: class folder(s) {', '.join(sorted(empty))} "
+                             "hold no images")
+    in_train = set(np.unique(train_labels).tolist())
+
+    def names(ids) -> str:
+        return ", ".join(class_names[i] for i in sorted(ids))
+
+    limited = f" (its first {cfg.max_train_samples} rows, --max_train_samples)" if cfg.max_train_samples else ""
+    if len(in_train) < 2:
+        source = f"--train_dir {cfg.train_dir!r}" if cfg.train_dir else f"--train_split {cfg.train_split!r}"
+        raise UsageError(f"{source}{limited} has {len(in_train)} class(es) ({names(in_train)}); FixMatch needs at "
+                         f"least 2{' (one subfolder per class)' if cfg.train_dir else ''}")
+    eval_only = set(np.unique(eval_labels).tolist()) - in_train
+    if eval_only:
+        where = (f"--validation_dir {cfg.validation_dir!r}: class folder(s)" if cfg.train_dir
+                 else f"--eval_split {eval_split!r}: class(es)")
+        raise UsageError(f"{where} {names(eval_only)} not in the train split{limited}, whose classes are "
+                         f"{names(in_train)}")
+
+
+def _class_index(*splits):
+    """Plain int or string labels -> (value -> class index, class names), sorted by value."""
+    values = sorted(set().union(*map(set, splits)))
+    return {v: i for i, v in enumerate(values)}, [str(v) for v in values]
+
+
+def _encode_labels(train, evaluation, label_col: str):
+    """Plain int or string labels -> one ClassLabel shared by both splits (sorted values)."""
+    from datasets import ClassLabel
+
+    index, names = _class_index(train.unique(label_col), evaluation.unique(label_col))
+    class_label = ClassLabel(names=names)
+
+    def encode(ds):
+        features = ds.features.copy()
+        features[label_col] = class_label
+        return ds.map(lambda batch: {label_col: [index[v] for v in batch[label_col]]}, batched=True, features=features)
+
+    return encode(train), encode(evaluation)
