@@ -1,23 +1,23 @@
-/* The eager CPU augmentation of fixmatch_accel/augment.py as loops over the batch: one
+/* The eager CPU augmentation of fixmatch_accel/augment/tensor.py as loops over the batch: one
  * RandAugment layer with each sample's own op (fixmatch_apply_layer), weak_batch's flip + crop
- * (fixmatch_crop_flip) and normalize_batch (fixmatch_normalize). Loaded by native.py.
+ * (fixmatch_crop_flip) and normalize_batch (fixmatch_normalize). Built and loaded by native.py.
  *
- * Eager PyTorch on a CPU needs ~100 kernel calls for one op on a group of samples, and most
- * of a CPU batch's time went to those calls and their temporaries; here a 32x32 sample costs
- * microseconds. Every expression keeps the tensor path's types and order of operations
- * (float32 where it blends, double where PIL's coordinates are double), and the build
- * turns off FMA contraction, so the pixels are the same bit for bit (tests/test_native.py).
+ * One call per batch instead of eager PyTorch's many small kernel calls and temporaries per op.
+ * Every expression keeps the tensor path's types and order of operations (float32 where it
+ * blends, double where PIL's coordinates are double), and the build turns off FMA contraction,
+ * so the pixels are the same bit for bit (tests/test_native.py).
  * Random draws, arguments (timm's level-to-arg) and affine matrices come from the tensor path.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-enum {
-    OP_KEEP = -1, OP_IDENTITY = 0, OP_INVERT, OP_POSTERIZE, OP_SOLARIZE, OP_SOLARIZE_ADD,
-    OP_AUTOCONTRAST, OP_EQUALIZE, OP_COLOR, OP_CONTRAST, OP_BRIGHTNESS, OP_SHARPNESS,
-    OP_AFFINE_XY, OP_AFFINE_X, OP_AFFINE_TX, OP_AFFINE_Y, OP_AFFINE_TY
-};
+/* Op codes: native.py numbers the cases named in fixmatch_accel/augment/ops.py's table and
+ * passes them as -DOP_<NAME>=<code> (and OP_KEEP, a sample left unchanged), so no number is
+ * written here. */
+#ifndef OP_KEEP
+#error "build through fixmatch_accel/augment/native.py, which defines the op codes"
+#endif
 
 /* floor of a coordinate: libm's floor is a call on baseline x86-64, this a convert and a
  * compare; the same result for any |v| < 2 ** 31 (native.py bounds the image sides) */
@@ -227,7 +227,7 @@ static void affine_bilinear(const uint8_t *src, uint8_t *dst, int64_t c, int64_t
     }
 }
 
-/* x, out: contiguous uint8 [n, c, h, w]; sample index[j] gets op[j], one of the codes above
+/* x, out: contiguous uint8 [n, c, h, w]; sample index[j] gets op[j], one of the OP_ codes
  * (OP_KEEP: unchanged), with argument arg[j] and PIL's AFFINE data affine[6 j .. 6 j + 5]
  * (output -> input); fill[c]; nearest: PIL's nearest resampling instead of bilinear;
  * scratch: 8-byte aligned, max(4 h w, 36 w) bytes (fixmatch_scratch_bytes). */
@@ -312,7 +312,7 @@ void fixmatch_apply_layer(const uint8_t *x, uint8_t *out, int64_t n, int64_t c, 
             else
                 affine_bilinear(src, dst, c, h, w, affine + 6 * j, fill, op[j], &taps);
             break;
-        default:  /* OP_KEEP, OP_IDENTITY */
+        case OP_KEEP: case OP_IDENTITY: default:
             memcpy(dst, src, (size_t)size);
         }
     }
