@@ -54,6 +54,10 @@ def images(shape, n, seed):
     return x
 
 
+def test_the_args_cover_every_op_of_the_table():
+    assert sorted(ARGS) == sorted(ops.BASE_OPS)
+
+
 @pytest.mark.parametrize("name", sorted(ARGS))
 def test_every_op_at_every_argument_gives_the_tensor_paths_pixels(name, lib):
     fill = torch.tensor([128, 0, 255], dtype=torch.uint8)
@@ -149,6 +153,15 @@ def test_a_broken_source_is_reported_with_the_compilers_words(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="failed: .*error"):
         native.build(tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []  # the half-built file is gone
+
+
+def test_a_source_without_a_case_of_the_op_table_is_refused(tmp_path, monkeypatch):
+    """Op codes come from ops.OPS as -D definitions: a C case missing would copy those samples unchanged."""
+    lacking = tmp_path / "lacking.c"
+    lacking.write_text(native.SOURCE.read_text().replace("case OP_SHARPNESS:", ""))
+    monkeypatch.setattr(native, "SOURCE", lacking)
+    with pytest.raises(RuntimeError, match="has no case for OP_SHARPNESS$"):
+        native.build(tmp_path / "cache")
 
 
 def test_a_training_run_logs_the_same_losses_with_and_without_the_compiled_path(tmp_path):
