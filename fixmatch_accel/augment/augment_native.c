@@ -88,6 +88,24 @@ static inline int32_t gray_at(const uint8_t *img, int64_t c, int64_t hw, int64_t
             (int32_t)img[2 * hw + p] * 7471 + 0x8000) >> 16;
 }
 
+/* blend with the grayscale image; gray: h * w floats of scratch */
+static void color(const uint8_t *src, uint8_t *dst, int64_t c, int64_t hw, float f, float *gray) {
+    for (int64_t p = 0; p < hw; p++) gray[p] = (float)gray_at(src, c, hw, p);
+    for (int64_t ch = 0; ch < c; ch++) {
+        const uint8_t *s = src + ch * hw;
+        uint8_t *d = dst + ch * hw;
+        for (int64_t p = 0; p < hw; p++) d[p] = blend(gray[p], f, (float)s[p]);
+    }
+}
+
+/* blend with the rounded mean of the grayscale image */
+static void contrast(const uint8_t *src, uint8_t *dst, int64_t c, int64_t hw, float f) {
+    int64_t total = 0;
+    for (int64_t p = 0; p < hw; p++) total += gray_at(src, c, hw, p);
+    int64_t mean = (2 * total + hw) / (2 * hw);
+    for (int64_t p = 0; p < c * hw; p++) dst[p] = blend((float)mean, f, (float)src[p]);
+}
+
 /* ImageFilter.SMOOTH as _smooth computes it (float32, same sums in the same order), blended;
  * p: h * w floats of scratch */
 static void sharpness(const uint8_t *src, uint8_t *dst, int64_t h, int64_t w, float f, float *p) {
@@ -284,21 +302,12 @@ void fixmatch_apply_layer(const uint8_t *x, uint8_t *out, int64_t n, int64_t c, 
         case OP_EQUALIZE:
             for (int64_t ch = 0; ch < c; ch++) equalize(src + ch * hw, dst + ch * hw, hw);
             break;
-        case OP_COLOR:  /* blend with the grayscale image */
-            for (int64_t p = 0; p < hw; p++) scratch[p] = (float)gray_at(src, c, hw, p);
-            for (int64_t ch = 0; ch < c; ch++) {
-                const uint8_t *s = src + ch * hw;
-                uint8_t *d = dst + ch * hw;
-                for (int64_t p = 0; p < hw; p++) d[p] = blend(scratch[p], (float)a, (float)s[p]);
-            }
+        case OP_COLOR:
+            color(src, dst, c, hw, (float)a, scratch);
             break;
-        case OP_CONTRAST: {  /* blend with the rounded mean of the grayscale image */
-            int64_t total = 0;
-            for (int64_t p = 0; p < hw; p++) total += gray_at(src, c, hw, p);
-            int64_t mean = (2 * total + hw) / (2 * hw);
-            for (int64_t p = 0; p < size; p++) dst[p] = blend((float)mean, (float)a, (float)src[p]);
+        case OP_CONTRAST:
+            contrast(src, dst, c, hw, (float)a);
             break;
-        }
         case OP_BRIGHTNESS:
             for (int64_t p = 0; p < size; p++) dst[p] = blend(0.0f, (float)a, (float)src[p]);
             break;
