@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm.data.auto_augment as timm_aa  # noqa: E402
 
 from fixmatch_accel import augment as A  # noqa: E402
+from fixmatch_accel.augment import ops, pil  # noqa: E402
 
 CIFAR = (Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
          / "train-00000-of-00001.parquet")
@@ -65,7 +66,7 @@ def timm_op(imgs: list, name: str, magnitude: float, sign: int) -> torch.Tensor:
     op = timm_aa.AugmentOp(name, prob=1.0, magnitude=magnitude,
                            hparams=dict(img_mean=(128, 128, 128), interpolation=Image.BILINEAR))
     if op.aug_fn is timm_aa.posterize:
-        op.aug_fn = A._posterize  # Pillow 13 raises on bits=0
+        op.aug_fn = pil.posterize  # Pillow 13 raises on bits=0
     return from_pil([op(i) for i in imgs])
 
 
@@ -99,8 +100,8 @@ def fidelity(x: torch.Tensor) -> None:
         diffs = []
         for v in range(1, 11):
             for negate in (False, True):
-                ref = from_pil([A._paper_pil_op(i, name, v, negate, (128, 128, 128)) for i in imgs])
-                base, arg = A._paper_level_to_arg(  # float64, as apply_rand_augment on CPU
+                ref = from_pil([pil.paper_op(i, name, v, negate, (128, 128, 128)) for i in imgs])
+                base, arg = ops.paper_level_to_arg(  # float64, as apply_rand_augment on CPU
                     name, torch.full((n,), float(v), dtype=torch.float64),
                     torch.full((n,), -1.0 if negate else 1.0, dtype=torch.float64), 32, 32)
                 out = A.apply_op(x, base, arg, fill=128, resample="nearest")

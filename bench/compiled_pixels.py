@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fixmatch_accel import augment  # noqa: E402
+from fixmatch_accel.augment import tensor  # noqa: E402
 from throughput import CIFAR, load_images  # noqa: E402
 
 CONFIGS = ("rand-m9-mstd0.5", "rand-m7-n3-mstd1-inc1", "paper")
@@ -40,7 +41,7 @@ def main() -> int:
     source = "CIFAR-10" if CIFAR.exists() else "random images"
     failed = False
     for config in CONFIGS:
-        for name, x in (("RGB", rgb), ("gray", augment._gray(rgb).to(torch.uint8))):
+        for name, x in (("RGB", rgb), ("gray", tensor._gray(rgb).to(torch.uint8))):
             torch._dynamo.reset()
             params = augment.sample_rand_augment_params(x.shape[0], config, generator=torch.Generator().manual_seed(1),
                                                         image_size=tuple(x.shape[-2:]))

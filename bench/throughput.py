@@ -38,9 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fixmatch_accel import augment  # noqa: E402
 from fixmatch_accel.ema import ModelEMA  # noqa: E402
 from fixmatch_accel.models import create_model  # noqa: E402
-from fixmatch_accel.trainer import (cosine_lr_factor, default_channels_last, forward_loss,  # noqa: E402
-                                    param_groups, strong_forward_loss, strong_view_in_step,
-                                    unlabeled_batch_views)
+from fixmatch_accel.config import default_channels_last  # noqa: E402
+from fixmatch_accel.optim import cosine_lr_factor, param_groups  # noqa: E402
+from fixmatch_accel.step import (forward_loss, strong_forward_loss, strong_view_in_step,  # noqa: E402
+                                 unlabeled_batch_views)
 
 CIFAR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10" / "train-00000-of-00001.parquet"
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
@@ -153,7 +154,7 @@ def run_project(args, images, labels, device, steps, warmup, compile=None, bf16=
     targets = torch.from_numpy(labels).to(device)
     torch.manual_seed(0)
     model = create_model(args.model, 10).to(device).train()
-    channels_last = channels_last and default_channels_last(device)
+    channels_last = channels_last and default_channels_last(device.type)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(param_groups(model, 5e-4), lr=0.03, momentum=0.9, nesterov=True,

@@ -11,7 +11,8 @@ from PIL import Image
 
 import timm.data.auto_augment as timm_aa
 from fixmatch_accel import augment as A
-from fixmatch_accel import native
+from fixmatch_accel.augment import native, ops, pil
+from fixmatch_accel.augment import tensor as T
 
 CIFAR = (Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
          / "train-00000-of-00001.parquet")
@@ -170,7 +171,7 @@ def test_weak_batch_distribution():
 def test_the_strong_view_gets_a_flip_and_crop_of_its_own(in_graph):
     """The trainer's strong view is RandAugment on a flip + crop drawn apart from the weak
     view's (as PIL's strong transform does), not RandAugment on the weak view itself."""
-    from fixmatch_accel.trainer import unlabeled_batch_views
+    from fixmatch_accel.step import unlabeled_batch_views
 
     n, size, pad, config = 3000, 16, 4, "rand-m9-mstd0.5-p0"  # p0: RandAugment changes nothing
     u_w, strong = unlabeled_batch_views(_coordinate_images(n, size), config, in_graph=in_graph,
@@ -235,7 +236,7 @@ def _timm_reference(imgs: list, name: str, magnitude: float, sign: int,
     hparams = dict(img_mean=128 if gray else (128, 128, 128), interpolation=Image.BILINEAR)
     op = timm_aa.AugmentOp(name, prob=1.0, magnitude=magnitude, hparams=hparams)
     if op.aug_fn is timm_aa.posterize:
-        op.aug_fn = A._posterize  # Pillow 13 raises on bits=0; the CPU path uses this too
+        op.aug_fn = pil.posterize  # Pillow 13 raises on bits=0; the CPU path uses this too
     return _from_pil([op(img) for img in imgs])
 
 
@@ -271,7 +272,7 @@ def test_level_to_arg_matches_timm(monkeypatch):
         for sign in (1, -1):
             monkeypatch.setattr(timm_aa, "_randomly_negate", lambda v: -v if sign < 0 else v)
             ref = [timm_aa.LEVEL_TO_ARG[name](float(m), {})[0] for m in mags]
-            _, arg = A._timm_level_to_arg(name, mags, torch.full_like(mags, sign))
+            _, arg = ops.timm_level_to_arg(name, mags, torch.full_like(mags, sign))
             assert torch.allclose(arg.double(), torch.tensor(ref, dtype=torch.float64),
                                   rtol=1e-6, atol=1e-6), name
 
@@ -289,8 +290,8 @@ def test_paper_ops_match_pil(name):
     n = x.shape[0]
     for v in range(1, 11):
         for negate in (False, True):
-            ref = _from_pil([A._paper_pil_op(img, name, v, negate, (128,) * 3) for img in imgs])
-            base, arg = A._paper_level_to_arg(  # float64, as apply_rand_augment on CPU
+            ref = _from_pil([pil.paper_op(img, name, v, negate, (128,) * 3) for img in imgs])
+            base, arg = ops.paper_level_to_arg(  # float64, as apply_rand_augment on CPU
                 name, torch.full((n,), float(v), dtype=torch.float64),
                 torch.full((n,), -1.0 if negate else 1.0, dtype=torch.float64), 32, 32)
             out = A.apply_op(x, base, arg, fill=128, resample="nearest")
@@ -548,8 +549,8 @@ def test_grouped_cpu_application_equals_the_static_shape_one(config, compiled_c,
     g = torch.Generator().manual_seed(3)
     x = torch.randint(0, 256, (96, 3, 16, 16), dtype=torch.uint8, generator=g)
     params = A.sample_rand_augment_params(96, config, generator=g, image_size=(16, 16))
-    assert A._grouped(x)
+    assert T._grouped(x)
     grouped = A.apply_rand_augment(x, params, config)
-    monkeypatch.setattr(A, "_grouped", lambda images: False)
+    monkeypatch.setattr(T, "_grouped", lambda images: False)
     assert torch.equal(grouped, A.apply_rand_augment(x, params, config))
     assert not torch.equal(grouped, x)

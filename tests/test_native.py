@@ -1,4 +1,4 @@
-"""The compiled CPU augmentation (fixmatch_accel/augment_native.c) gives the tensor path's pixels.
+"""The compiled CPU augmentation (fixmatch_accel/augment/augment_native.c) gives the tensor path's pixels.
 
 The tensor path is the reference here: tests/test_augment.py holds it to timm's and PIL's ops.
 """
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import fixmatch_accel.augment as A
-from fixmatch_accel import native
+from fixmatch_accel.augment import native, ops
+from fixmatch_accel.augment import tensor as T
 
 HAVE_CC = any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))
 pytestmark = pytest.mark.skipif(not HAVE_CC, reason="no C compiler on this machine")
@@ -53,10 +54,14 @@ def images(shape, n, seed):
     return x
 
 
+def test_the_args_cover_every_op_of_the_table():
+    assert sorted(ARGS) == sorted(ops.BASE_OPS)
+
+
 @pytest.mark.parametrize("name", sorted(ARGS))
 def test_every_op_at_every_argument_gives_the_tensor_paths_pixels(name, lib):
     fill = torch.tensor([128, 0, 255], dtype=torch.uint8)
-    resamples = ["bilinear", "nearest"] if name in A._AFFINE_OPS else ["bilinear"]
+    resamples = ["bilinear", "nearest"] if name in ops.AFFINE_OPS else ["bilinear"]
     for shape in SHAPES:
         for resample in resamples:
             for k, value in enumerate(ARGS[name]):
@@ -64,10 +69,10 @@ def test_every_op_at_every_argument_gives_the_tensor_paths_pixels(name, lib):
                 n, c, h, w = x.shape
                 arg = None if value is None else torch.full((n,), value, dtype=torch.float64)
                 fill_c = fill[:c]
-                expected = A._apply_one(x, name, arg, fill_c.view(1, c, 1, 1), resample)
+                expected = T._apply_one(x, name, arg, fill_c.view(1, c, 1, 1), resample)
                 affine = torch.zeros(n, 6, dtype=torch.float64)
-                if name in A._AFFINE_OPS:
-                    affine = A._affine_coeffs(name, arg, h, w)
+                if name in ops.AFFINE_OPS:
+                    affine = T._affine_coeffs(name, arg, h, w)
                 code = torch.full((n,), native.CODES[name], dtype=torch.int32)
                 got = native.apply_layer(lib, x, torch.randperm(n), code,
                                          torch.zeros(n, dtype=torch.float64) if arg is None else arg,
@@ -148,6 +153,15 @@ def test_a_broken_source_is_reported_with_the_compilers_words(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="failed: .*error"):
         native.build(tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []  # the half-built file is gone
+
+
+def test_a_source_without_a_case_of_the_op_table_is_refused(tmp_path, monkeypatch):
+    """Op codes come from ops.OPS as -D definitions: a C case missing would copy those samples unchanged."""
+    lacking = tmp_path / "lacking.c"
+    lacking.write_text(native.SOURCE.read_text().replace("case OP_SHARPNESS:", ""))
+    monkeypatch.setattr(native, "SOURCE", lacking)
+    with pytest.raises(RuntimeError, match="has no case for OP_SHARPNESS$"):
+        native.build(tmp_path / "cache")
 
 
 def test_a_training_run_logs_the_same_losses_with_and_without_the_compiled_path(tmp_path):

@@ -1,13 +1,16 @@
-"""Eager CPU augmentation compiled (augment_native.c): flip + crop, RandAugment layers, normalisation.
+"""The C backend (augment_native.c): flip + crop, RandAugment layers and normalisation on eager CPU.
 
 No library applies a different PIL-exact op to each image of a uint8 batch in one pass: PIL
 and timm take one image at a time, torchvision's v2 RandAugment one op for the whole batch,
-and eager PyTorch spends ~100 kernel calls per op on a group of samples. So the C file
-(one loop per sample, the tensor path's arithmetic) is built once with the system's C
-compiler into a per-user cache and loaded with ctypes: no build step at install, no new
-dependency. Without a compiler, or with FIXMATCH_ACCEL_NATIVE=0, the tensor path runs: the
-same pixels, slower (tests/test_native.py compares them). Only eager CPU tensors take this
-path; compiled graphs and accelerators run the tensor code.
+and eager PyTorch pays many kernel calls per op on a group of samples. So the C file (one
+loop per sample, the tensor path's arithmetic) is built once with the system's C compiler
+into a per-user cache and loaded with ctypes: no build step at install, no new dependency.
+Without a compiler, or with FIXMATCH_ACCEL_NATIVE=0, the tensor path runs: the same pixels,
+slower (tests/test_native.py compares them). Only eager CPU tensors take this path; compiled
+graphs and accelerators run the tensor code.
+
+The op codes exist once: each base op of ops.OPS names its case in the C file (OP_<name>);
+they are numbered here and passed to the compiler as -D definitions (part of the build key).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -25,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import describe
+from ..errors import describe
+from .ops import OPS
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +41,11 @@ ENV_SWITCH = "FIXMATCH_ACCEL_NATIVE"
 # -fno-trapping-math lets gcc vectorise clamps (no value changes, only FP-exception assumptions)
 CFLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-ffp-contract=off", "-fno-trapping-math"]
 
-# op codes of augment_native.c
-CODES = {"Identity": 0, "Invert": 1, "Posterize": 2, "Solarize": 3, "SolarizeAdd": 4,
-         "AutoContrast": 5, "Equalize": 6, "Color": 7, "Contrast": 8, "Brightness": 9,
-         "Sharpness": 10, "Rotate": 11, "ShearX": 12, "TranslateXRel": 13, "TranslateX": 13,
-         "ShearY": 14, "TranslateYRel": 15, "TranslateY": 15}
+# Op codes: one per C case, in the order ops.OPS first names them; KEEP leaves a sample unchanged.
+KEEP = -1
+_CASES = {case: code for code, case in enumerate(dict.fromkeys(op.native for op in OPS.values()))}
+CODES = {name: _CASES[op.native] for name, op in OPS.items()}  # base op name -> code
+DEFINES = [f"-DOP_KEEP={KEEP}"] + [f"-DOP_{case}={code}" for case, code in _CASES.items()]
 
 _library: ctypes.CDLL | None = None
 _loaded = False
@@ -66,21 +71,30 @@ def _cache_dir() -> Path:
 
 
 def build(directory: Path | None = None) -> Path:
-    """Compile augment_native.c unless a build of this very source and compiler exists; its path."""
+    """Compile augment_native.c unless a build of this very source, op codes and compiler exists; its path."""
     cc = _compiler()
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(cc + CFLAGS).encode()
+    source = SOURCE.read_bytes()
+    flags = CFLAGS + DEFINES
+    key = hashlib.sha256(source + " ".join(cc + flags).encode()
                          + platform.machine().encode()).hexdigest()[:16]
     directory = directory or _cache_dir()
     target = directory / f"augment_native-{key}.so"
-    if target.is_file():
-        return target
+    if not target.is_file():
+        _compile(cc, flags, directory, target)
+    # after the compiler has had its say; a case the C file lacks would copy those samples unchanged
+    missing = [f"OP_{case}" for case in _CASES if not re.search(rf"case\s+OP_{case}\s*:".encode(), source)]
+    if missing:
+        raise RuntimeError(f"{SOURCE.name} has no case for {', '.join(missing)}")
+    return target
+
+
+def _compile(cc: list[str], flags: list[str], directory: Path, target: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     # built under a name of its own, then renamed: processes building at once never load half a file
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
     os.close(fd)
     try:
-        done = subprocess.run(cc + CFLAGS + [str(SOURCE), "-o", tmp, "-lm"],
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(cc + flags + [str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
             first_error = next((line for line in lines if "error" in line.lower()), lines[0])
@@ -89,7 +103,6 @@ def build(directory: Path | None = None) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return target
 
 
 def library() -> ctypes.CDLL | None:

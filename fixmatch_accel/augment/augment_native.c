@@ -1,23 +1,23 @@
-/* The eager CPU augmentation of fixmatch_accel/augment.py as loops over the batch: one
+/* The eager CPU augmentation of fixmatch_accel/augment/tensor.py as loops over the batch: one
  * RandAugment layer with each sample's own op (fixmatch_apply_layer), weak_batch's flip + crop
- * (fixmatch_crop_flip) and normalize_batch (fixmatch_normalize). Loaded by native.py.
+ * (fixmatch_crop_flip) and normalize_batch (fixmatch_normalize). Built and loaded by native.py.
  *
- * Eager PyTorch on a CPU needs ~100 kernel calls for one op on a group of samples, and most
- * of a CPU batch's time went to those calls and their temporaries; here a 32x32 sample costs
- * microseconds. Every expression keeps the tensor path's types and order of operations
- * (float32 where it blends, double where PIL's coordinates are double), and the build
- * turns off FMA contraction, so the pixels are the same bit for bit (tests/test_native.py).
+ * One call per batch instead of eager PyTorch's many small kernel calls and temporaries per op.
+ * Every expression keeps the tensor path's types and order of operations (float32 where it
+ * blends, double where PIL's coordinates are double), and the build turns off FMA contraction,
+ * so the pixels are the same bit for bit (tests/test_native.py).
  * Random draws, arguments (timm's level-to-arg) and affine matrices come from the tensor path.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-enum {
-    OP_KEEP = -1, OP_IDENTITY = 0, OP_INVERT, OP_POSTERIZE, OP_SOLARIZE, OP_SOLARIZE_ADD,
-    OP_AUTOCONTRAST, OP_EQUALIZE, OP_COLOR, OP_CONTRAST, OP_BRIGHTNESS, OP_SHARPNESS,
-    OP_AFFINE_XY, OP_AFFINE_X, OP_AFFINE_TX, OP_AFFINE_Y, OP_AFFINE_TY
-};
+/* Op codes: native.py numbers the cases named in fixmatch_accel/augment/ops.py's table and
+ * passes them as -DOP_<NAME>=<code> (and OP_KEEP, a sample left unchanged), so no number is
+ * written here. */
+#ifndef OP_KEEP
+#error "build through fixmatch_accel/augment/native.py, which defines the op codes"
+#endif
 
 /* floor of a coordinate: libm's floor is a call on baseline x86-64, this a convert and a
  * compare; the same result for any |v| < 2 ** 31 (native.py bounds the image sides) */
@@ -86,6 +86,24 @@ static inline int32_t gray_at(const uint8_t *img, int64_t c, int64_t hw, int64_t
     if (c == 1) return img[p];
     return ((int32_t)img[p] * 19595 + (int32_t)img[hw + p] * 38470 +
             (int32_t)img[2 * hw + p] * 7471 + 0x8000) >> 16;
+}
+
+/* blend with the grayscale image; gray: h * w floats of scratch */
+static void color(const uint8_t *src, uint8_t *dst, int64_t c, int64_t hw, float f, float *gray) {
+    for (int64_t p = 0; p < hw; p++) gray[p] = (float)gray_at(src, c, hw, p);
+    for (int64_t ch = 0; ch < c; ch++) {
+        const uint8_t *s = src + ch * hw;
+        uint8_t *d = dst + ch * hw;
+        for (int64_t p = 0; p < hw; p++) d[p] = blend(gray[p], f, (float)s[p]);
+    }
+}
+
+/* blend with the rounded mean of the grayscale image */
+static void contrast(const uint8_t *src, uint8_t *dst, int64_t c, int64_t hw, float f) {
+    int64_t total = 0;
+    for (int64_t p = 0; p < hw; p++) total += gray_at(src, c, hw, p);
+    int64_t mean = (2 * total + hw) / (2 * hw);
+    for (int64_t p = 0; p < c * hw; p++) dst[p] = blend((float)mean, f, (float)src[p]);
 }
 
 /* ImageFilter.SMOOTH as _smooth computes it (float32, same sums in the same order), blended;
@@ -227,7 +245,7 @@ static void affine_bilinear(const uint8_t *src, uint8_t *dst, int64_t c, int64_t
     }
 }
 
-/* x, out: contiguous uint8 [n, c, h, w]; sample index[j] gets op[j], one of the codes above
+/* x, out: contiguous uint8 [n, c, h, w]; sample index[j] gets op[j], one of the OP_ codes
  * (OP_KEEP: unchanged), with argument arg[j] and PIL's AFFINE data affine[6 j .. 6 j + 5]
  * (output -> input); fill[c]; nearest: PIL's nearest resampling instead of bilinear;
  * scratch: 8-byte aligned, max(4 h w, 36 w) bytes (fixmatch_scratch_bytes). */
@@ -284,21 +302,12 @@ void fixmatch_apply_layer(const uint8_t *x, uint8_t *out, int64_t n, int64_t c, 
         case OP_EQUALIZE:
             for (int64_t ch = 0; ch < c; ch++) equalize(src + ch * hw, dst + ch * hw, hw);
             break;
-        case OP_COLOR:  /* blend with the grayscale image */
-            for (int64_t p = 0; p < hw; p++) scratch[p] = (float)gray_at(src, c, hw, p);
-            for (int64_t ch = 0; ch < c; ch++) {
-                const uint8_t *s = src + ch * hw;
-                uint8_t *d = dst + ch * hw;
-                for (int64_t p = 0; p < hw; p++) d[p] = blend(scratch[p], (float)a, (float)s[p]);
-            }
+        case OP_COLOR:
+            color(src, dst, c, hw, (float)a, scratch);
             break;
-        case OP_CONTRAST: {  /* blend with the rounded mean of the grayscale image */
-            int64_t total = 0;
-            for (int64_t p = 0; p < hw; p++) total += gray_at(src, c, hw, p);
-            int64_t mean = (2 * total + hw) / (2 * hw);
-            for (int64_t p = 0; p < size; p++) dst[p] = blend((float)mean, (float)a, (float)src[p]);
+        case OP_CONTRAST:
+            contrast(src, dst, c, hw, (float)a);
             break;
-        }
         case OP_BRIGHTNESS:
             for (int64_t p = 0; p < size; p++) dst[p] = blend(0.0f, (float)a, (float)src[p]);
             break;
@@ -312,7 +321,7 @@ void fixmatch_apply_layer(const uint8_t *x, uint8_t *out, int64_t n, int64_t c, 
             else
                 affine_bilinear(src, dst, c, h, w, affine + 6 * j, fill, op[j], &taps);
             break;
-        default:  /* OP_KEEP, OP_IDENTITY */
+        case OP_KEEP: case OP_IDENTITY: default:
             memcpy(dst, src, (size_t)size);
         }
     }
