@@ -194,7 +194,8 @@ def check_output_dir(cfg, resume_path: Optional[str]) -> bool:
                  if resume_path is not None else "")
         raise UsageError(
             f"--output_dir {cfg.output_dir!r} already holds a run ({', '.join(present)}){other}: "
-            "resume it with --resume_from_checkpoint latest, choose another --output_dir, or pass --overwrite_output_dir"
+            "resume it with --resume_from_checkpoint latest, choose another --output_dir, "
+            "or pass --overwrite_output_dir"
         )
     return bool(present) and not own
 

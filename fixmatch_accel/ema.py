@@ -48,13 +48,13 @@ class ModelEMA(nn.Module):
             # constant of the step (0.5, 0.45, ...) would change the graph and recompile it. A 1-element
             # tensor is always an input of its own.
             weight = torch.tensor([1.0 - d], dtype=torch.float32).to(ema_float[0].device).view(())
-            for e, l in zip(ema_float, live_float):
-                e.lerp_(l, weight)
+            for e, live in zip(ema_float, live_float):
+                e.lerp_(live, weight)
         else:
             # One fused foreach kernel per group instead of a Python loop of small ops.
             torch._foreach_lerp_(ema_float, live_float, 1.0 - d)
-        for e, l in zip(ema_other, live_other):
-            e.copy_(l)
+        for e, live in zip(ema_other, live_other):
+            e.copy_(live)
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)

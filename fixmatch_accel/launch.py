@@ -38,7 +38,8 @@ def make_accelerator(cfg, log_with):
     if accelerator.num_processes != world_size and not is_xla(accelerator.device):
         raise UsageError(
             f"the launcher started {world_size} processes but accelerate sees {accelerator.num_processes}: "
-            "on a machine without GPUs launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N"
+            "on a machine without GPUs launch with "
+            "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N"
         )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # accelerate would run fp32
         raise UsageError("--mixed_precision fp16 does not run on a CPU (accelerate trains in fp32 there); "

@@ -84,8 +84,8 @@ def _class_names(config: Dict, results: Dict, eval_rows: List[Dict], train_rows:
         return [str(n) for n in config["label_names"]]
     if isinstance(results.get("per_class"), dict):
         return list(results["per_class"])
-    n = max([len(r.get("per_class") or []) for r in eval_rows] + [len(r.get("mask_per_class") or []) for r in train_rows]
-            + [0])
+    n = max([len(r.get("per_class") or []) for r in eval_rows]
+            + [len(r.get("mask_per_class") or []) for r in train_rows] + [0])
     return [f"class {i}" for i in range(n)]
 
 

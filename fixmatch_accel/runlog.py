@@ -20,8 +20,9 @@ from .xla import XlaMetricsLog, is_xla
 from .xla import sync as xla_sync
 
 # The package to install for each accelerate tracker (accelerate itself only warns and logs nothing).
-TRACKER_PACKAGES = dict(tensorboard="tensorboard (or tensorboardX)", wandb="wandb", mlflow="mlflow", comet_ml="comet_ml",
-                        aim="aim", clearml="clearml", dvclive="dvclive", swanlab="swanlab", trackio="trackio")
+TRACKER_PACKAGES = dict(tensorboard="tensorboard (or tensorboardX)", wandb="wandb", mlflow="mlflow",
+                        comet_ml="comet_ml", aim="aim", clearml="clearml", dvclive="dvclive", swanlab="swanlab",
+                        trackio="trackio")
 
 # Order of the statistics in the one flat tensor that is all-reduced at logging steps.
 SUMMED = ("loss", "loss_x", "loss_u", "mask_count", "num_unlabeled", "pseudo_label_correct")
@@ -39,7 +40,8 @@ def trackers(report_to: str):
     available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
     for name in names:
         if name not in TRACKER_PACKAGES:
-            raise UsageError(f"--report_to {name!r}: unknown tracker (choose from none, all, {', '.join(TRACKER_PACKAGES)})")
+            raise UsageError(f"--report_to {name!r}: unknown tracker "
+                             f"(choose from none, all, {', '.join(TRACKER_PACKAGES)})")
         if name not in available:
             raise UsageError(f"--report_to {name}: the package is not installed: pip install {TRACKER_PACKAGES[name]}")
     return names

@@ -8,22 +8,38 @@ from typing import Dict, Optional
 import torch
 
 from . import augment
-from .checkpoint import (Checkpointer, TrainState, check_output_dir, load_checkpoint, resolve_resume, saved_step,
-                         set_aside_previous_run, write_json)
+from .checkpoint import (
+    Checkpointer,
+    TrainState,
+    check_output_dir,
+    load_checkpoint,
+    resolve_resume,
+    saved_step,
+    set_aside_previous_run,
+    write_json,
+)
 from .config import Resolved, TrainConfig, resolve
-from .data import (channel_stats, default_image_size, image_sizes, labeled_examples, labeled_split, load_data,
-                   save_labeled_split, stats_rows)
+from .data import (
+    channel_stats,
+    default_image_size,
+    image_sizes,
+    labeled_examples,
+    labeled_split,
+    load_data,
+    save_labeled_split,
+    stats_rows,
+)
+from .data.pipeline import BadImages, build_loaders, decode_cache, endless, num_workers
+from .data.streaming import StreamLoader
 from .ema import ModelEMA
 from .errors import UsageError
 from .evaluate import Evaluator
 from .launch import make_accelerator
 from .models import create_model
 from .optim import build_optimizer
-from .data.pipeline import BadImages, build_loaders, decode_cache, endless, num_workers
 from .runlog import RunLog, trackers, write_run_config
 from .step import TrainStep, model_inputs
 from .stop import StopSignal, all_finite, finite_weights, nonfinite
-from .data.streaming import StreamLoader
 from .xla import give_loader_dataset, is_xla, load_models_on_host
 
 

@@ -17,7 +17,6 @@ from typing import Dict, List, Optional
 import torch
 
 
-
 def is_xla(device: torch.device) -> bool:
     return torch.device(device).type == "xla"
 

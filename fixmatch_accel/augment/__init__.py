@@ -35,8 +35,16 @@ Where the tensor path knowingly differs from timm / kekmodel:
     wider and is not clipped symmetrically), filled with ``fill`` (default 128;
     kekmodel's is 127).
 """
-from .ops import (BASE_OPS, PAPER_OPS, RAND_INCREASING_OPS, RAND_OPS, RandAugmentParams, StrongAugmentSpec,
-                  parse_strong_augment, sample_rand_augment_params)
+from .ops import (
+                  BASE_OPS,
+                  PAPER_OPS,
+                  RAND_INCREASING_OPS,
+                  RAND_OPS,
+                  RandAugmentParams,
+                  StrongAugmentSpec,
+                  parse_strong_augment,
+                  sample_rand_augment_params,
+)
 from .pil import PaperRandAugment, strong_transform, to_tensor_normalize, weak_transform
 from .tensor import apply_op, apply_rand_augment, normalize_batch, strong_batch, weak_batch
 

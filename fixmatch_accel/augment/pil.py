@@ -12,8 +12,18 @@ from typing import Callable, Sequence
 from PIL import Image, ImageEnhance, ImageOps
 from torch import Tensor
 
-from .ops import (BLEND_OPS, NEGATE_PROB, PAPER_MAX_LEVEL, PAPER_MIN_LEVEL, PAPER_OPS, PAPER_PROB,
-                  affine_data, cutout_box, paper_level_to_arg, parse_strong_augment)
+from .ops import (
+    BLEND_OPS,
+    NEGATE_PROB,
+    PAPER_MAX_LEVEL,
+    PAPER_MIN_LEVEL,
+    PAPER_OPS,
+    PAPER_PROB,
+    affine_data,
+    cutout_box,
+    paper_level_to_arg,
+    parse_strong_augment,
+)
 
 
 class _ResizeTo:

@@ -23,9 +23,24 @@ import torch
 from torch import Tensor
 
 from . import native
-from .ops import (AFFINE_OPS, BASE_OPS, BLEND_OPS, LUT_OPS, OPS, RandAugmentParams, StrongAugmentSpec,
-                  affine_data, cutout_box, div, paper_level_to_arg, parse_strong_augment, rand, randint,
-                  sample_rand_augment_params, timm_level_to_arg)
+from .ops import (
+    AFFINE_OPS,
+    BASE_OPS,
+    BLEND_OPS,
+    LUT_OPS,
+    OPS,
+    RandAugmentParams,
+    StrongAugmentSpec,
+    affine_data,
+    cutout_box,
+    div,
+    paper_level_to_arg,
+    parse_strong_augment,
+    rand,
+    randint,
+    sample_rand_augment_params,
+    timm_level_to_arg,
+)
 
 # Selection codes of _apply_layer; _KEEP leaves the sample unchanged.
 _KEEP, _LUT, _BLEND, _AFFINE = 0, 1, 2, 3

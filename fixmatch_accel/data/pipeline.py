@@ -10,7 +10,15 @@ from .. import augment
 from ..errors import UsageError
 from ..xla import is_xla
 from .images import image_name
-from .loaders import DecodedImages, ImageDataset, SampleSeeds, batch_identity, collate_fillers, decode_split, repeat_to_fill
+from .loaders import (
+    DecodedImages,
+    ImageDataset,
+    SampleSeeds,
+    batch_identity,
+    collate_fillers,
+    decode_split,
+    repeat_to_fill,
+)
 from .padding import PaddedToMultiple, padded_collate
 from .streaming import StreamImages, StreamLoader, batches_per_pass, fetch_rows, unlabeled_stream
 
@@ -26,8 +34,9 @@ def check_bad_images(count: int, read: int, example, max_fraction: float) -> Non
     a stream's image means reading its shard again).
     """
     if count > max_fraction * max(read, 1):
+        named = example() if callable(example) else example
         raise UsageError(f"{count} of {read} images read could not be decoded ({count / max(read, 1):.2%} > "
-                         f"--max_bad_image_fraction {max_fraction}), e.g. {example() if callable(example) else example}")
+                         f"--max_bad_image_fraction {max_fraction}), e.g. {named}")
 
 
 class BadImages:
