@@ -13,39 +13,39 @@ Imports go one way: rows, images, digits <- loaders <- streaming <- sources <- s
 
 from .digits import digits_arrays, load_digits_dataset
 from .images import (
-                     BadImage,
-                     channel_stats,
-                     decode_image,
-                     default_image_size,
-                     image_name,
-                     image_sizes,
-                     stats_rows,
-                     to_rgb,
+    BadImage,
+    channel_stats,
+    decode_image,
+    default_image_size,
+    image_name,
+    image_sizes,
+    stats_rows,
+    to_rgb,
 )
 from .loaders import (
-                     DecodedImages,
-                     ImageDataset,
-                     SampleSeeds,
-                     batch_identity,
-                     collate_fillers,
-                     decode_split,
-                     repeat_to_fill,
-                     sample,
+    DecodedImages,
+    ImageDataset,
+    SampleSeeds,
+    batch_identity,
+    collate_fillers,
+    decode_split,
+    repeat_to_fill,
+    sample,
 )
 from .rows import PAD_ROW, unreadable, unreadable_mask, unreadable_source_row, valid_mask
 from .sources import SplitData, check_image_column, load_data, load_named_dataset, pick_column
 from .split import labeled_examples, labeled_split, save_labeled_split, select_labeled
 from .streaming import (
-                     StreamImages,
-                     StreamLoader,
-                     batches_per_pass,
-                     cut_pieces,
-                     fetch_rows,
-                     first_rows,
-                     label_pass,
-                     label_streams,
-                     num_pieces,
-                     unlabeled_stream,
+    StreamImages,
+    StreamLoader,
+    batches_per_pass,
+    cut_pieces,
+    fetch_rows,
+    first_rows,
+    label_pass,
+    label_streams,
+    num_pieces,
+    unlabeled_stream,
 )
 
 __all__ = [
