@@ -22,9 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from throughput import CIFAR, load_images  # noqa: E402
+
 from fixmatch_accel import augment  # noqa: E402
 from fixmatch_accel.augment import tensor  # noqa: E402
-from throughput import CIFAR, load_images  # noqa: E402
 
 CONFIGS = ("rand-m9-mstd0.5", "rand-m7-n3-mstd1-inc1", "paper")
 

@@ -36,12 +36,11 @@ from torchvision import transforms as T
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fixmatch_accel import augment  # noqa: E402
+from fixmatch_accel.config import default_channels_last  # noqa: E402
 from fixmatch_accel.ema import ModelEMA  # noqa: E402
 from fixmatch_accel.models import create_model  # noqa: E402
-from fixmatch_accel.config import default_channels_last  # noqa: E402
 from fixmatch_accel.optim import cosine_lr_factor, param_groups  # noqa: E402
-from fixmatch_accel.step import (forward_loss, strong_forward_loss, strong_view_in_step,  # noqa: E402
-                                 unlabeled_batch_views)
+from fixmatch_accel.step import forward_loss, strong_forward_loss, strong_view_in_step, unlabeled_batch_views  # noqa: E402
 
 CIFAR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10" / "train-00000-of-00001.parquet"
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
@@ -147,7 +146,8 @@ def native_bf16(device: torch.device) -> bool:
 
 def run_project(args, images, labels, device, steps, warmup, compile=None, bf16=True, channels_last=True,
                 fused=True):
-    """Steps/s of the project's step; `compile` is None or a torch.compile mode; bf16 applies where native, fused on CUDA."""
+    """Steps/s of the project's step; `compile` is None or a torch.compile mode; bf16 applies where native,
+    fused on CUDA."""
     B, U = args.batch_size, args.mu * args.batch_size
     cuda = device.type == "cuda"
     data = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)  # decoded once (--cache_decoded)
@@ -309,10 +309,12 @@ def main():
         proj_rounds.append(run_project(args, images, labels, device, args.steps, args.warmup))
     ref_steps, proj_steps = statistics.median(ref_rounds), statistics.median(proj_rounds)
     eager_speedup = statistics.median([p / r for r, p in zip(ref_rounds, proj_rounds)])
-    print(f"end to end, reference ({args.workers} workers, fp32, .item() each step): {ref_steps:.2f} steps/s", flush=True)
+    print(f"end to end, reference ({args.workers} workers, fp32, .item() each step): {ref_steps:.2f} steps/s",
+          flush=True)
     precision = "bf16 autocast" if native_bf16(device) else "fp32"
-    print(f"end to end, project ({precision}): {proj_steps:.2f} steps/s -> {eager_speedup:.2f}x (medians of {args.step_rounds} "
-          f"alternating rounds: {', '.join(f'{p / r:.2f}x' for r, p in zip(ref_rounds, proj_rounds))})", flush=True)
+    print(f"end to end, project ({precision}): {proj_steps:.2f} steps/s -> {eager_speedup:.2f}x "
+          f"(medians of {args.step_rounds} alternating rounds: "
+          f"{', '.join(f'{p / r:.2f}x' for r, p in zip(ref_rounds, proj_rounds))})", flush=True)
     result.update(reference_steps_per_s=ref_steps, project_steps_per_s=proj_steps, step_speedup_eager=eager_speedup,
                   project_bf16=native_bf16(device))
     if args.ablate:

@@ -14,8 +14,8 @@ from accelerate.utils import set_seed
 
 from fixmatch_accel.config import parse_args
 from fixmatch_accel.data import labeled_examples, load_data
-from fixmatch_accel.data.streaming import StreamLoader
 from fixmatch_accel.data.pipeline import build_loaders
+from fixmatch_accel.data.streaming import StreamLoader
 
 out_path, argv = sys.argv[1], sys.argv[2:]
 cfg, _ = parse_args(argv)

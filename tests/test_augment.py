@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm.data.auto_augment as timm_aa
 import torch
 from PIL import Image
 
-import timm.data.auto_augment as timm_aa
 from fixmatch_accel import augment as A
 from fixmatch_accel.augment import native, ops, pil
 from fixmatch_accel.augment import tensor as T
@@ -270,7 +270,7 @@ def test_level_to_arg_matches_timm(monkeypatch):
     mags = torch.arange(0, 20.25, 0.25)
     for name in set(A.RAND_OPS + A.RAND_INCREASING_OPS) - {"AutoContrast", "Equalize", "Invert"}:
         for sign in (1, -1):
-            monkeypatch.setattr(timm_aa, "_randomly_negate", lambda v: -v if sign < 0 else v)
+            monkeypatch.setattr(timm_aa, "_randomly_negate", lambda v, sign=sign: -v if sign < 0 else v)
             ref = [timm_aa.LEVEL_TO_ARG[name](float(m), {})[0] for m in mags]
             _, arg = ops.timm_level_to_arg(name, mags, torch.full_like(mags, sign))
             assert torch.allclose(arg.double(), torch.tensor(ref, dtype=torch.float64),

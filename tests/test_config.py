@@ -8,7 +8,8 @@ from fixmatch_accel.errors import UsageError
 
 def test_defaults_are_the_papers_when_a_dataset_is_named():
     cfg, sources = parse_args(["--dataset_name", "uoft-cs/cifar10"])
-    assert (cfg.per_device_train_batch_size, cfg.mu, cfg.threshold, cfg.lambda_u, cfg.temperature) == (64, 7, 0.95, 1.0, 1.0)
+    assert (cfg.per_device_train_batch_size, cfg.mu, cfg.threshold, cfg.lambda_u, cfg.temperature) == (
+        64, 7, 0.95, 1.0, 1.0)
     assert (cfg.learning_rate, cfg.weight_decay, cfg.ema_decay, cfg.max_train_steps) == (0.03, 5e-4, 0.999, 2**20)
     assert cfg.model == "wrn28_2" and cfg.strong_augment == "rand-m9-mstd0.5"
     assert sources["dataset_name"] == "flag" and sources["mu"] == "default"
@@ -57,8 +58,9 @@ def test_invalid_values_name_the_flag(argv, message):
 
 
 def test_every_field_has_help_and_a_flag():
-    from fixmatch_accel.config import build_parser
     import dataclasses
+
+    from fixmatch_accel.config import build_parser
 
     flags = {a.dest for a in build_parser()._actions}
     for f in dataclasses.fields(TrainConfig):
@@ -72,7 +74,8 @@ def test_report_to_names_the_missing_package(monkeypatch):
 
     monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: ["wandb"])
     assert trackers("none") is None and trackers("all") == "all" and trackers("wandb") == ["wandb"]
-    with pytest.raises(UsageError, match="--report_to tensorboard: the package is not installed: pip install tensorboard"):
+    with pytest.raises(UsageError, match="--report_to tensorboard: the package is not installed: "
+                                         "pip install tensorboard"):
         trackers("wandb,tensorboard")
     with pytest.raises(UsageError, match="--report_to 'tensorbored': unknown tracker"):
         trackers("tensorbored")

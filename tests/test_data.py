@@ -5,11 +5,19 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
 from conftest import write_image_folder
+
 from fixmatch_accel.config import TrainConfig
-from fixmatch_accel.data import (channel_stats, labeled_examples, labeled_split, load_data, load_digits_dataset,
-                                 repeat_to_fill, save_labeled_split, select_labeled)
+from fixmatch_accel.data import (
+    channel_stats,
+    labeled_examples,
+    labeled_split,
+    load_data,
+    load_digits_dataset,
+    repeat_to_fill,
+    save_labeled_split,
+    select_labeled,
+)
 from fixmatch_accel.errors import UsageError
 
 
@@ -60,8 +68,10 @@ def test_digits_are_scikit_learns_rows_and_split_without_importing_it():
         assert ds[split]["label"] == digits.target[idx].tolist()
         for k in (0, 17, len(idx) - 1):
             assert np.array_equal(np.asarray(ds[split][int(k)]["image"])[..., 0], expected[idx[k]])
-    probe = "import sys; from fixmatch_accel.data import load_digits_dataset; load_digits_dataset(); print('sklearn' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    probe = ("import sys; from fixmatch_accel.data import load_digits_dataset; load_digits_dataset(); "
+             "print('sklearn' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 def test_split_saved_and_reloaded(tmp_path):
@@ -152,8 +162,10 @@ def test_plain_integer_labels_become_classes(tmp_path):
     features = Features({"picture": Image(), "y": Value("int64")})
     for split, ys in (("train", [3, 7, 7, 3, 9, 9]), ("test", [9, 3])):
         images = [PILImage.new("RGB", (8, 8), (10 * y, 0, 0)) for y in ys]
-        Dataset.from_dict({"picture": images, "y": ys}, features=features).to_parquet(str(tmp_path / f"{split}.parquet"))
-    with pytest.raises(UsageError, match="found no ClassLabel columns among picture, y: name one with --label_column_name"):
+        Dataset.from_dict({"picture": images, "y": ys}, features=features).to_parquet(
+            str(tmp_path / f"{split}.parquet"))
+    with pytest.raises(UsageError, match="found no ClassLabel columns among picture, y: "
+                                         "name one with --label_column_name"):
         load_data(TrainConfig(dataset_name=str(tmp_path)))
     data = load_data(TrainConfig(dataset_name=str(tmp_path), label_column_name="y"))
     assert data.class_names == ["3", "7", "9"]
@@ -209,7 +221,8 @@ def test_an_eval_label_the_train_split_lacks_is_an_error(tmp_path):
     features = Features({"picture": Image(), "y": Value("string")})
     for split, ys in (("train", ["ant", "cow", "ant"]), ("test", ["cow", "yak"])):
         images = [PILImage.new("RGB", (8, 8)) for _ in ys]
-        Dataset.from_dict({"picture": images, "y": ys}, features=features).to_parquet(str(tmp_path / f"{split}.parquet"))
+        Dataset.from_dict({"picture": images, "y": ys}, features=features).to_parquet(
+            str(tmp_path / f"{split}.parquet"))
     with pytest.raises(UsageError, match=r"--eval_split 'test': class\(es\) yak not in the train split, "
                                          r"whose classes are ant, cow"):
         load_data(TrainConfig(dataset_name=str(tmp_path), label_column_name="y"))

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, run_train, write_image_folder
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_train, write_image_folder
 from fixmatch_accel.models import create_model
 
 TINY_DIGITS = ["--dataset_name", "digits", "--model", "small_cnn", "--image_size", "8", "--num_labeled", "20",
@@ -105,7 +105,8 @@ def test_resume_continues_and_refuses_to_clobber(tmp_path):
     (aside,) = out.glob("replaced_*")
     assert f"the previous run's files are now in {aside}" in new.stdout
     assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step_3", "step_4", "step_6", "step_8"]
-    assert {"model.safetensors", "metrics.jsonl", "config.json", "labeled_split.json"} <= {p.name for p in aside.iterdir()}
+    assert {"model.safetensors", "metrics.jsonl", "config.json", "labeled_split.json"} <= {
+        p.name for p in aside.iterdir()}
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_3"]
     assert [r["step"] for r in read_metrics(out)[0]] == [2, 3]  # the new run's rows only
 
@@ -190,7 +191,7 @@ def test_two_processes_shard_the_data(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 for r in ranks)
-    for name, batch in (("labeled", 4), ("unlabeled", 16)):
+    for name, _batch in (("labeled", 4), ("unlabeled", 16)):
         a, b = set(ranks[0][name]), set(ranks[1][name])
         assert a and b and not a & b, name  # disjoint
         assert len(ranks[0][name]) == len(ranks[1][name])

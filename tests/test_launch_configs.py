@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
-
 from conftest import ROOT
 
 CONFIGS = sorted((ROOT / "launch_configs").glob("*.yaml"))

@@ -18,9 +18,8 @@ from types import SimpleNamespace
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT
+from safetensors.torch import load_file
 from test_e2e import TINY_DIGITS, check_ok, read_metrics
 
 MULTI_NODE = ROOT / "launch_configs" / "multi_node.yaml"
@@ -135,7 +134,8 @@ def test_two_machines_train_evaluate_and_resume_on_two_machines(tmp_path):
 def test_only_machine_zero_writes_the_run_files(tmp_path):
     """Machine 1 writes to a folder of its own, as on machines without a shared disk: it stays empty."""
     disks = tmp_path / "machine0", tmp_path / "machine1"
-    results = run_two_machines(tmp_path / "logs", TINY_DIGITS + ["--max_train_steps", "2", "--checkpointing_steps", "0"],
+    results = run_two_machines(tmp_path / "logs",
+                               TINY_DIGITS + ["--max_train_steps", "2", "--checkpointing_steps", "0"],
                                extra=[["--output_dir", disk] for disk in disks])
     for result in results:
         check_ok(result)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_train, write_image_folder
 from PIL import Image
 
-from conftest import run_train, write_image_folder
 from fixmatch_accel.errors import UsageError
 from fixmatch_accel.plot import read_metrics, write_plots
 
@@ -36,10 +36,11 @@ def fabricate_run(root: Path, steps=range(10, 201, 10), num_classes=4, eval_ever
         if starved is not None:
             mask[starved] = 0
         rows.append(dict(step=s, lr=0.03 * math.cos(7 * math.pi * s / (16 * 200)), images_per_s=900.0 + s,
-                         loss=2.0 / s ** 0.3, loss_x=1.2 / s ** 0.3, loss_u=0.8 / s ** 0.3, mask_ratio=min(1.0, s / 150),
-                         pseudo_label_acc=0.5 + s / 500, mask_per_class=mask))
+                         loss=2.0 / s ** 0.3, loss_x=1.2 / s ** 0.3, loss_u=0.8 / s ** 0.3,
+                         mask_ratio=min(1.0, s / 150), pseudo_label_acc=0.5 + s / 500, mask_per_class=mask))
         if s % eval_every == 0:
-            rows.append(dict(step=s, top1=40 + s / 5, top5=80 + s / 20, per_class=[50.0 + i for i in range(num_classes)]))
+            rows.append(dict(step=s, top1=40 + s / 5, top5=80 + s / 20,
+                             per_class=[50.0 + i for i in range(num_classes)]))
     (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if config:
         (root / "config.json").write_text(json.dumps(dict(
@@ -282,7 +283,9 @@ def test_predict_a_dataset_split(tmp_path, capsys):
 
 def test_predict_reads_label_minus_one_as_unlabeled(tmp_path, capsys):
     """datasets' ClassLabel -1 means "no label" (hidden-label test splits)."""
-    from datasets import ClassLabel, Dataset, Features, Image as ImageFeature
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+
     from fixmatch_accel.predict import main
 
     names = [str(d) for d in range(10)]
@@ -326,6 +329,7 @@ def test_predict_bad_input_is_one_line(tmp_path, capsys, args, message):
 
 def test_predict_on_a_device_this_machine_lacks_is_one_line(tmp_path, capsys):
     import torch
+
     from fixmatch_accel.predict import main
 
     device = "mps" if torch.cuda.is_available() else "cuda"  # one this machine has not

@@ -50,7 +50,8 @@ def test_the_demo_applies_only_when_no_layer_names_a_dataset(tmp_path):
     assert cfg.model == "wrn28_2" and cfg.max_train_steps == 2**20 and "demo" not in sources.values()
     no_dataset = write(tmp_path, "lambda_u: 0\n", "a.yaml")
     cfg, sources = parse_args(["--config", no_dataset])
-    assert cfg.dataset_name == "digits" and sources["model"] == "demo" and (cfg.lambda_u, sources["lambda_u"]) == (0.0, f"file:{no_dataset}")
+    assert (cfg.dataset_name == "digits" and sources["model"] == "demo"
+            and (cfg.lambda_u, sources["lambda_u"]) == (0.0, f"file:{no_dataset}"))
     with_dataset = write(tmp_path, "train_dir: some/folder\n", "b.yaml")
     cfg, sources = parse_args(["--config", with_dataset])
     assert cfg.dataset_name is None and cfg.model == "wrn28_2" and "demo" not in sources.values()
@@ -85,7 +86,8 @@ def test_values_convert_like_the_command_line(tmp_path):
     assert cfg.learning_rate == 5e-4 and isinstance(cfg.learning_rate, float)
     assert (cfg.max_train_steps, cfg.dataset_config_name, cfg.image_size) == (12, "2014", None)
     assert cfg.hflip is False and cfg.mixed_precision == "no"
-    assert parse_args(["--config", write(tmp_path, "", "empty.yaml")])[0].dataset_name == "digits"  # empty: sets nothing
+    # empty: sets nothing
+    assert parse_args(["--config", write(tmp_path, "", "empty.yaml")])[0].dataset_name == "digits"
 
 
 def test_missing_or_unreadable_file_and_bad_values_say_where(tmp_path):
@@ -115,7 +117,8 @@ def test_every_preset_is_the_papers_setting():
         assert (cfg.dataset_name, cfg.model, cfg.weight_decay) == family[dataset], name
         assert cfg.num_labeled == int(labels) and cfg.output_dir == f"outputs/{name}" and cfg.preset == name
         assert (cfg.per_device_train_batch_size, cfg.mu, cfg.learning_rate, cfg.threshold) == (64, 7, 0.03, 0.95)
-        assert (cfg.max_train_steps, cfg.ema_decay, cfg.strong_augment, cfg.crop_padding) == (2**20, 0.999, "paper", None)
+        assert (cfg.max_train_steps, cfg.ema_decay, cfg.strong_augment, cfg.crop_padding) == (
+            2**20, 0.999, "paper", None)
         assert cfg.hflip == (dataset != "svhn"), name  # the paper's code mirrors no digits
         assert sources["model"] == f"preset:{name}" and "demo" not in sources.values()
     cfg, _ = parse_args(["--preset", "cifar100-2500"])

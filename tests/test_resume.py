@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, run_train
+from safetensors.torch import load_file
 from test_e2e import TINY_DIGITS, check_ok
 
 # Exact resume is promised for on-device augmentation (explicit generators); the PIL path draws from
@@ -183,9 +182,9 @@ def test_a_checkpoint_without_its_labeled_split_is_a_clear_error(finished):
 
 def test_only_an_own_checkpoint_continues_the_run_in_output_dir(finished, tmp_path):
     """A checkpoint of another run starts a new run: refused where a run is, as any new run there."""
+    from fixmatch_accel.checkpoint import check_output_dir, resolve_resume
     from fixmatch_accel.config import TrainConfig
     from fixmatch_accel.errors import UsageError
-    from fixmatch_accel.checkpoint import check_output_dir, resolve_resume
 
     own = str(finished / "checkpoints" / "step_2")
     other = str(shutil.copytree(finished, tmp_path / "other") / "checkpoints" / "step_2")
@@ -198,7 +197,8 @@ def test_only_an_own_checkpoint_continues_the_run_in_output_dir(finished, tmp_pa
         check_output_dir(TrainConfig(output_dir=str(finished), overwrite_output_dir=True), own)
     with pytest.raises(UsageError, match="--output_dir .* is a file, not a folder"):
         check_output_dir(TrainConfig(output_dir=str(finished / "config.json")), None)
-    with pytest.raises(UsageError, match="--resume_from_checkpoint .*checkpoints': not a checkpoint \\(no trainer_state"):
+    with pytest.raises(UsageError, match="--resume_from_checkpoint .*checkpoints': "
+                                         "not a checkpoint \\(no trainer_state"):
         resolve_resume(TrainConfig(output_dir=str(finished), resume_from_checkpoint=str(finished / "checkpoints")))
     (finished / "checkpoints" / "step_9").mkdir()  # an empty step folder is the newest
     with pytest.raises(UsageError, match="step_9': not a checkpoint"):
@@ -259,8 +259,9 @@ def test_one_nonfinite_step_is_skipped_and_counted_on_request(tmp_path):
 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_two_process_resume_is_exact(tmp_path, streaming):
-    from test_e2e import ACCELERATE
     import shutil
+
+    from test_e2e import ACCELERATE
 
     args = QUICK + ["--max_train_steps", 12, "--checkpointing_steps", 6] + (
         ["--streaming", "--max_train_samples", 200] if streaming else [])
@@ -292,7 +293,8 @@ def test_streaming_resume_is_exact_across_passes(tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(straight, resumed)
     (resumed / "metrics.jsonl").write_text("")
-    check_ok(run_train(args + ["--output_dir", resumed, "--resume_from_checkpoint", resumed / "checkpoints" / "step_5"]))
+    check_ok(run_train(args + ["--output_dir", resumed,
+                               "--resume_from_checkpoint", resumed / "checkpoints" / "step_5"]))
     after = losses(resumed)
     assert sorted(after) == list(range(6, 15))
     assert after == pytest.approx({k: v for k, v in losses(straight).items() if k > 5}, rel=1e-6, abs=1e-7)
@@ -310,7 +312,8 @@ def test_cpu_augmentation_resume_is_exact_whatever_the_worker_count(tmp_path, st
     import shutil
 
     args = TINY_DIGITS + ["--logging_steps", 1, "--eval_steps", 0, "--augment_device", "cpu", "--max_train_steps", 8,
-                          "--checkpointing_steps", 4, "--max_train_samples", 200] + (["--streaming"] if streaming else [])
+                          "--checkpointing_steps", 4, "--max_train_samples", 200]
+    args += ["--streaming"] if streaming else []
     straight = tmp_path / "straight"
     check_ok(run_train(args + ["--output_dir", straight, "--dataloader_num_workers", 2]))
     resumed = tmp_path / "resumed"

@@ -9,21 +9,22 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, run_train, write_image_folder
 from PIL import Image
 
-from conftest import ROOT, run_train, write_image_folder
 from fixmatch_accel.config import TrainConfig
-from fixmatch_accel.data import (BadImage, decode_image, labeled_examples, labeled_split, load_data, to_rgb)
+from fixmatch_accel.data import BadImage, decode_image, labeled_examples, labeled_split, load_data, to_rgb
+from fixmatch_accel.data.pipeline import build_loaders
 from fixmatch_accel.data.streaming import batches_per_pass, cut_pieces, num_pieces, unlabeled_stream
 from fixmatch_accel.errors import UsageError
-from fixmatch_accel.data.pipeline import build_loaders
 
 SHARDS = (70, 50, 80)  # rows per parquet shard: 3 shards, which do not divide 2 processes
 
 
 def write_sharded_parquet(root: Path, shard_sizes=SHARDS, eval_labels=None):
     """A hub-style parquet dataset: train in several shards, one test shard; 8x8 images, 3 classes."""
-    from datasets import ClassLabel, Dataset, Features, Image as ImageFeature
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
 
     features = Features({"image": ImageFeature(), "label": ClassLabel(names=["a", "b", "c"])})
     (root / "data").mkdir(parents=True)
@@ -82,7 +83,8 @@ def test_cut_pieces_cover_every_position_once():
     positions = [o + j for piece in pieces for _, a, b, o in piece for j in range(a, b)]
     assert positions == list(range(200))
     # A limit (--max_train_samples) cuts only the first positions.
-    assert [o + j for piece in cut_pieces(SHARDS, 90, 2) for _, a, b, o in piece for j in range(a, b)] == list(range(90))
+    cut = [o + j for piece in cut_pieces(SHARDS, 90, 2) for _, a, b, o in piece for j in range(a, b)]
+    assert cut == list(range(90))
 
 
 def test_num_pieces_and_batches_per_pass():
@@ -135,8 +137,8 @@ def test_one_process_stream_covers_the_split_each_pass_in_a_new_order(parquet_di
 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_unlabeled_excludes_labeled(parquet_dir, streaming):
-    cfg = TrainConfig(dataset_name=str(parquet_dir), num_labeled=30, streaming=streaming, unlabeled_excludes_labeled=True,
-                      per_device_train_batch_size=2, mu=5, dataloader_num_workers=0)
+    cfg = TrainConfig(dataset_name=str(parquet_dir), num_labeled=30, streaming=streaming,
+                      unlabeled_excludes_labeled=True, per_device_train_batch_size=2, mu=5, dataloader_num_workers=0)
     data = load_data(cfg)
     idx, rows, _ = labeled_examples(cfg, data, labeled_split(cfg, data))
     accelerator = SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"))
@@ -281,7 +283,8 @@ def test_a_bad_labeled_image_is_redrawn_in_its_class(tmp_path):
 # ---- Clear errors.
 
 def test_streaming_errors_are_one_line(tmp_path, parquet_dir):
-    with pytest.raises(UsageError, match="--num_labeled 300 needs 100 examples of each class, but class 'a' has only 67"):
+    with pytest.raises(UsageError, match="--num_labeled 300 needs 100 examples of each class, "
+                                         "but class 'a' has only 67"):
         data = load_data(TrainConfig(dataset_name=str(parquet_dir), streaming=True))
         labeled_split(TrainConfig(num_labeled=300), data)
     with pytest.raises(UsageError, match=r"--train_split 'unlabeled': no such split \(splits: train, test\)"):

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import run_train
+from safetensors.torch import load_file
 from test_e2e import TINY_DIGITS, check_ok
 
 pytestmark = [pytest.mark.xla,

@@ -4,9 +4,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from fixmatch_accel.data import DecodedImages, batch_identity, collate_fillers
+from fixmatch_accel.data.padding import PaddedToMultiple, pad_batch
 from fixmatch_accel.data.rows import PAD_ROW, unreadable, unreadable_mask, unreadable_source_row, valid_mask
 from fixmatch_accel.evaluate import evaluate
-from fixmatch_accel.data.padding import PaddedToMultiple, pad_batch
 
 
 class PerItem(torch.utils.data.Dataset):
