@@ -55,8 +55,10 @@ class _Images(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             return pil_to_tensor(to_rgb(decode_image(self.values[i]), self.size)), i, ""
-        except BadImage as e:
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), i, str(e) or "unreadable"
+        except BadImage as e:  # first line only: the message goes into one-line reports
+            text = str(e).strip()
+            error = text.splitlines()[0] if text else "unreadable"
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), i, error
 
 
 def load_run_model(model_dir: str, device: torch.device) -> RunModel:
@@ -271,6 +273,10 @@ def run_predict(args) -> int:
         raise UsageError(f"--output_file {output!r} is a folder; name the CSV file to write")
 
     rows, skipped = predict(run, inputs, device, args.batch_size, args.num_workers)
+    if not rows:  # nothing to show: a failure, and a previous predictions.csv is left as it was
+        name, error = skipped[0]
+        raise UsageError(f"none of the {len(skipped)} input images could be read: {name} ({error})"
+                         + (f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""))
     k = min(TOP_K, len(run.label_names))
     write_csv(output, rows, k)
     if skipped:

@@ -300,6 +300,28 @@ def test_predict_reads_label_minus_one_as_unlabeled(tmp_path, capsys):
     assert "on 2 labeled images" in capsys.readouterr().out
 
 
+def test_predict_with_no_readable_image_fails_in_one_line(tmp_path, capsys):
+    from fixmatch_accel.predict import main
+
+    model = small_cnn_dir(tmp_path / "model")
+    (tmp_path / "a.png").write_bytes(b"not a png")
+    (tmp_path / "b.jpg").write_bytes(b"")
+    args = ["--model_dir", str(model), "--num_workers", "0", "--device", "cpu"]
+    assert main([*args, str(tmp_path / "a.png"), str(tmp_path / "b.jpg")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"fixmatch-predict: error: none of the 2 input images could be read: {tmp_path / 'a.png'} (") and (
+        "UnidentifiedImageError" in lines[0] and lines[0].endswith(" and 1 more"))
+    assert not (model / "predictions.csv").exists()  # no empty CSV in place of a result
+
+    # One readable image among them: a success that counts the skipped ones.
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ok.png")
+    assert main([*args, str(tmp_path / "a.png"), str(tmp_path / "ok.png"), str(tmp_path / "b.jpg")]) == 0
+    captured = capsys.readouterr()
+    assert "skipped 2 unreadable images" in captured.err and "wrote 1 predictions" in captured.out
+    assert "(2 skipped)" in captured.out and len(read_csv(model / "predictions.csv")) == 1
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model_dir", "{tmp}/absent", "x.png"], "--model_dir '{tmp}/absent': no such folder"),
     (["--model_dir", "{weightless}", "x.png"], "no model.safetensors"),
