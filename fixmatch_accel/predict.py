@@ -106,8 +106,21 @@ def image_folder_inputs(image_dir: str, label_names: Sequence[str]) -> Inputs:
     if not paths:
         raise UsageError(f"--image_dir {image_dir!r}: no image files in it")
     names = [os.path.relpath(p, image_dir) for p in paths]
-    labels = [n.split(os.sep)[0] if os.sep in n and n.split(os.sep)[0] in classes else None for n in names]
+    folders = [n.split(os.sep)[0] if os.sep in n else None for n in names]
+    foreign = sorted({f for f in folders if f is not None and f not in classes})
+    if foreign:  # a misspelt class folder would otherwise quietly drop out of the accuracy
+        count = sum(f in foreign for f in folders)
+        print(f"fixmatch-predict: --image_dir subfolder{'s' if len(foreign) > 1 else ''} {listed(foreign)} "
+              f"{'are' if len(foreign) > 1 else 'is'} not among the model's classes ({listed(label_names)}): "
+              f"{count} image{'s' if count > 1 else ''} without a true label", file=sys.stderr)
+    labels = [f if f in classes else None for f in folders]
     return Inputs([dict(path=p, bytes=None) for p in paths], names, labels)
+
+
+def listed(names: Sequence[str], limit: int = 20) -> str:
+    """`a, b, c`, cut after `limit` names: a 1000-class model still gets one readable line."""
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def file_inputs(files: Sequence[str]) -> Inputs:

@@ -217,6 +217,8 @@ def test_predict_an_image_folder_skips_a_corrupt_image(timm_run, tmp_path):
                              "--num_workers", "0"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipped 1 unreadable image: dog/broken.png" in result.stderr and "Traceback" not in result.stderr
+    assert ("fixmatch-predict: --image_dir subfolder unsorted is not among the model's classes (cat, dog, frog): "
+            "1 image without a true label\n") in result.stderr
 
     rows = read_csv(timm_run / "predictions.csv")
     assert list(rows[0]) == ["input", "label", "prediction", "confidence", "correct",
@@ -235,6 +237,24 @@ def test_predict_an_image_folder_skips_a_corrupt_image(timm_run, tmp_path):
     top1 = json.loads((timm_run / "eval_results.json").read_text())["top1"]
     assert f"accuracy: top-1 {top1:.2f}%  top-3 100.00% on 9 labeled images" in result.stdout
     assert "wrote 10 predictions" in result.stdout and "(1 skipped)" in result.stdout
+
+
+def test_image_dir_names_the_subfolders_that_are_not_classes(tmp_path, capsys):
+    from fixmatch_accel.predict import image_folder_inputs
+
+    for folder in ("class_3", "Class_4", "misc", "misc/deeper", "class_5/deeper"):
+        (tmp_path / folder).mkdir(parents=True)
+    for path in ("top.png", "class_3/a.png", "Class_4/a.png", "Class_4/b.png", "misc/deeper/a.png",
+                 "class_5/deeper/a.png"):
+        (tmp_path / path).write_bytes(b"")  # only the names matter here
+    inputs = image_folder_inputs(str(tmp_path), [f"class_{i}" for i in range(30)])
+    assert dict(zip(inputs.names, inputs.labels)) == {
+        "top.png": None, "Class_4/a.png": None, "Class_4/b.png": None, "class_3/a.png": "class_3",
+        "class_5/deeper/a.png": "class_5", "misc/deeper/a.png": None}
+    # One line naming the odd folders and the model's classes (cut to 20 names), and nothing for top-level images.
+    assert capsys.readouterr().err == (
+        "fixmatch-predict: --image_dir subfolders Class_4, misc are not among the model's classes ("
+        + ", ".join(f"class_{i}" for i in range(20)) + ", ... (30 in all)): 3 images without a true label\n")
 
 
 def test_predict_image_files_into_a_chosen_csv(timm_run, tmp_path, capsys):
