@@ -41,6 +41,8 @@ class RunModel:
     size: int  # square side, pixels
     mean: List[float]  # per channel, 0..1 units
     std: List[float]
+    image_column: Optional[str] = None  # the training data's columns, from config.json's `resolved`
+    label_column: Optional[str] = None
 
 
 class _Images(torch.utils.data.Dataset):
@@ -89,7 +91,9 @@ def load_run_model(model_dir: str, device: torch.device) -> RunModel:
         raise UsageError(f"--model_dir {model_dir!r}: model.safetensors does not load into {architecture} "
                          f"({describe(e)})") from None
     names = [str(n) for n in config.get("label_names") or range(num_classes)]
-    return RunModel(model.to(device).eval(), names, int(input_size[-1]), list(mean), list(std))
+    resolved = config.get("resolved") if isinstance(config.get("resolved"), dict) else {}
+    return RunModel(model.to(device).eval(), names, int(input_size[-1]), list(mean), list(std),
+                    resolved.get("image_column"), resolved.get("label_column"))
 
 
 def image_folder_inputs(image_dir: str, label_names: Sequence[str]) -> Inputs:
@@ -132,7 +136,27 @@ def file_inputs(files: Sequence[str]) -> Inputs:
     return Inputs([dict(path=p, bytes=None) for p in files], list(files), [None] * len(files))
 
 
-def dataset_inputs(args) -> Inputs:
+def dataset_columns(features, args, run: RunModel):
+    """(image column, label column or None): the flags, else the run's recorded columns, else by feature type."""
+    from datasets import ClassLabel, Image, Value
+
+    if args.image_column_name is None and isinstance(features.get(run.image_column), Image):
+        image_col = run.image_column
+    else:
+        image_col = pick_column(features, "image_column_name", args.image_column_name, Image, "Image")
+        check_image_column(features, image_col)
+    if args.label_column_name is not None:
+        return image_col, pick_column(features, "label_column_name", args.label_column_name, ClassLabel, "ClassLabel")
+    recorded = features.get(run.label_column)
+    dtype = recorded.dtype if isinstance(recorded, Value) else ""
+    # training also takes plain int / string labels (its class names are their str values)
+    if isinstance(recorded, ClassLabel) or dtype.startswith(("int", "uint")) or dtype == "string":
+        return image_col, run.label_column
+    found = [k for k, v in features.items() if isinstance(v, ClassLabel)]
+    return image_col, found[0] if len(found) == 1 else None  # optional here: predictions need no labels
+
+
+def dataset_inputs(args, run: RunModel) -> Inputs:
     """A split of a hub / local dataset (or 'digits'), loaded as training loads it, images left undecoded."""
     from datasets import ClassLabel, Image
 
@@ -143,13 +167,7 @@ def dataset_inputs(args) -> Inputs:
         raise UsageError(f"{what} (splits: {', '.join(raw)}): name one with --split")
     dataset = raw[split]
     features = dataset.features
-    image_col = pick_column(features, "image_column_name", args.image_column_name, Image, "Image")
-    check_image_column(features, image_col)
-    if args.label_column_name is not None:
-        label_col = pick_column(features, "label_column_name", args.label_column_name, ClassLabel, "ClassLabel")
-    else:  # optional here: predictions need no labels
-        found = [k for k, v in features.items() if isinstance(v, ClassLabel)]
-        label_col = found[0] if len(found) == 1 else None
+    image_col, label_col = dataset_columns(features, args, run)
     if args.max_samples is not None:
         dataset = dataset.select(range(min(args.max_samples, len(dataset))))
     dataset = dataset.cast_column(image_col, Image(decode=False))
@@ -247,8 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset_name", help="hub id, local dataset folder, or 'digits'")
     p.add_argument("--dataset_config_name", help="the dataset's configuration, if it has several")
     p.add_argument("--split", help="the split to classify (default: validation, else test)")
-    p.add_argument("--image_column_name", help="the image column (default: the one Image column)")
-    p.add_argument("--label_column_name", help="the true label column (default: the one ClassLabel column, if any)")
+    p.add_argument("--image_column_name",
+                   help="the image column (default: the run's, if the dataset has it, else the one Image column)")
+    p.add_argument("--label_column_name", help="the true label column (default: the run's, if the dataset has it, "
+                                               "else the one ClassLabel column, if any)")
     p.add_argument("--max_samples", type=int, help="classify only the first N rows of the split")
     p.add_argument("--output_file", help="the CSV to write (default: MODEL_DIR/predictions.csv)")
     p.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
@@ -278,7 +298,7 @@ def run_predict(args) -> int:
     elif args.images:
         inputs = file_inputs(args.images)
     else:
-        inputs = dataset_inputs(args)
+        inputs = dataset_inputs(args, run)
     output = args.output_file or os.path.join(args.model_dir, "predictions.csv")
     if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
         raise UsageError(f"--output_file {output!r}: its folder does not exist")

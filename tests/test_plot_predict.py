@@ -269,7 +269,7 @@ def test_predict_image_files_into_a_chosen_csv(timm_run, tmp_path, capsys):
     assert [r["input"] for r in rows] == files and all(r["label"] == "" == r["correct"] for r in rows)
 
 
-def small_cnn_dir(root: Path) -> Path:
+def small_cnn_dir(root: Path, resolved=None) -> Path:
     """A model folder as a digits run leaves it (random weights; enough to check the dataset path)."""
     import torch
     from safetensors.torch import save_file
@@ -282,7 +282,8 @@ def small_cnn_dir(root: Path) -> Path:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "model.safetensors")
     (root / "config.json").write_text(json.dumps(dict(
         architecture="small_cnn", num_classes=10, label_names=[str(d) for d in range(10)],
-        pretrained_cfg=dict(input_size=[3, 8, 8], mean=[0.3] * 3, std=[0.4] * 3, num_classes=10))))
+        pretrained_cfg=dict(input_size=[3, 8, 8], mean=[0.3] * 3, std=[0.4] * 3, num_classes=10),
+        **(dict(resolved=resolved) if resolved else {}))))
     return root
 
 
@@ -340,6 +341,41 @@ def test_predict_with_no_readable_image_fails_in_one_line(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "skipped 2 unreadable images" in captured.err and "wrote 1 predictions" in captured.out
     assert "(2 skipped)" in captured.out and len(read_csv(model / "predictions.csv")) == 1
+
+
+def test_predict_takes_the_runs_recorded_columns(tmp_path, capsys):
+    """config.json's resolved image and label columns come before guessing by feature type; a flag before both."""
+    from datasets import ClassLabel, Dataset, Features, Value
+    from datasets import Image as ImageFeature
+
+    from fixmatch_accel.predict import main
+
+    images = [Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)) for i in range(4)]
+    split = Dataset.from_dict(
+        {"img": images, "thumb": images, "digit": [3, 4, 5, 6], "parity": [1, 0, 1, 0]},
+        features=Features(img=ImageFeature(), thumb=ImageFeature(), digit=Value("int64"),
+                          parity=ClassLabel(names=["even", "odd"])))
+    (tmp_path / "data").mkdir()
+    split.to_parquet(str(tmp_path / "data" / "test.parquet"))
+    data = ["--dataset_name", str(tmp_path / "data"), "--num_workers", "0", "--device", "cpu"]
+
+    def labels(model_dir, *flags):
+        assert main(["--model_dir", str(model_dir), *data, *flags]) == 0
+        return [r["label"] for r in read_csv(model_dir / "predictions.csv")]
+
+    unrecorded = small_cnn_dir(tmp_path / "unrecorded")  # a run from before config.json recorded its columns
+    assert main(["--model_dir", str(unrecorded), *data]) == 2
+    assert "found 2 (img, thumb) Image columns" in capsys.readouterr().err
+    assert labels(unrecorded, "--image_column_name", "img") == ["odd", "even", "odd", "even"]  # the one ClassLabel
+
+    recorded = small_cnn_dir(tmp_path / "recorded", resolved=dict(image_column="img", label_column="digit"))
+    assert labels(recorded) == ["3", "4", "5", "6"]  # plain int labels, as training reads them
+    assert "on 4 labeled images" in capsys.readouterr().out
+    assert labels(recorded, "--label_column_name", "parity") == ["odd", "even", "odd", "even"]
+    # A dataset without the recorded columns: found by feature type, as before.
+    assert main(["--model_dir", str(recorded), "--dataset_name", "digits", "--max_samples", "8",
+                 "--num_workers", "0", "--device", "cpu"]) == 0
+    assert {r["label"] for r in read_csv(recorded / "predictions.csv")} <= set("0123456789")
 
 
 @pytest.mark.parametrize("args, message", [
