@@ -257,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fixmatch-predict",
         description="Predict classes with a fixmatch-train run's final model (model.safetensors + config.json). "
                     "Inputs: image files, --image_dir (subfolders named like classes give true labels) or "
-                    "--dataset_name. Writes a CSV with the top-5 classes of each image.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "--dataset_name. Writes a CSV with the top-5 classes of each image.")
+    # Each help text states its own default: argparse's ArgumentDefaultsHelpFormatter would add a second one.
     p.add_argument("images", nargs="*", help="image files to classify")
     p.add_argument("--model_dir", required=True, help="the run's --output_dir")
     p.add_argument("--image_dir", help="a folder of images; a subfolder named like a class gives its images that label")
@@ -269,11 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the image column (default: the run's, if the dataset has it, else the one Image column)")
     p.add_argument("--label_column_name", help="the true label column (default: the run's, if the dataset has it, "
                                                "else the one ClassLabel column, if any)")
-    p.add_argument("--max_samples", type=int, help="classify only the first N rows of the split")
+    p.add_argument("--max_samples", type=int, help="classify only the first N rows of the split (default: every row)")
     p.add_argument("--output_file", help="the CSV to write (default: MODEL_DIR/predictions.csv)")
-    p.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--batch_size", type=int, default=256, help="images per forward pass (default: 256)")
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="DataLoader processes decoding images")
+                   help="DataLoader processes decoding images (default: 4, or fewer on a machine with fewer CPUs)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     return p
 

@@ -405,6 +405,25 @@ def test_predict_bad_input_is_one_line(tmp_path, capsys, args, message):
     assert len(lines) == 1 and lines[0].startswith("fixmatch-predict: error:") and message.format(**fill) in lines[0]
 
 
+def test_predict_help_states_each_default_once(capsys):
+    import re
+
+    from fixmatch_accel.predict import build_parser, main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--help"])
+    assert exit.value.code == 0
+    text = capsys.readouterr().out
+    assert "default: None" not in " ".join(text.split())
+    options = text.split("\noptions:\n")[1]
+    blocks = {m.group(1): " ".join(m.group(2).split())  # each flag with its help text, lines joined
+              for m in re.finditer(r"^  (--\w+|-h)[^\n]*?(?:  +|\n +)(.*?)(?=^  -|\Z)", options, re.S | re.M)}
+    assert len(blocks) == 13 and all(text.count("(default:") <= 1 for text in blocks.values()), blocks
+    assert "(default: validation, else test)" in blocks["--split"]
+    defaults = build_parser().parse_args(["--model_dir", "m"])
+    assert f"(default: {defaults.batch_size})" in blocks["--batch_size"] and 1 <= defaults.num_workers <= 4
+
+
 def test_predict_on_a_device_this_machine_lacks_is_one_line(tmp_path, capsys):
     import torch
 
