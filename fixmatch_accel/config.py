@@ -33,9 +33,10 @@ class TrainConfig:
     train_dir: Optional[str] = _f(None, "Image folder for training, one subfolder per class (datasets' imagefolder builder).")
     validation_dir: Optional[str] = _f(None, "Image folder for evaluation, one subfolder per class.")
     image_column_name: Optional[str] = _f(None, "Image column; default: the one column of feature type Image.")
-    label_column_name: Optional[str] = _f(None, "Label column; default: the one column of feature type ClassLabel.")
+    label_column_name: Optional[str] = _f(None, "Label column; default: the one column of feature type ClassLabel, else a column named 'label' or 'labels' (integers or strings).")
     train_split: str = _f("train", "Split holding the labeled pool and the unlabeled data.")
-    eval_split: Optional[str] = _f(None, "Evaluation split; default: 'validation', else 'test'.")
+    eval_split: Optional[str] = _f(None, "Evaluation split; default: 'validation', else 'test', else --train_val_split of the train split held out.")
+    train_val_split: float = _f(0.15, "Fraction of the train split held out for evaluation (seeded by --seed, stratified by class, never trained on); only when the data has no 'validation' or 'test' split and --eval_split is not given.")
     max_train_samples: Optional[int] = _f(None, "Use only the first N rows of the train split (for debugging).")
     max_eval_samples: Optional[int] = _f(None, "Use only the first N rows of the eval split (for debugging).")
     num_labeled: int = _f(4000, "Total labeled examples, class-balanced (num_labeled / num_classes per class).")
@@ -125,11 +126,22 @@ def _arg_type(tp):
     return tp, tp is bool
 
 
+def _demo_description() -> str:
+    """What the no-flag demo sets, read from DEMO so --help never drifts from it."""
+    d = DEMO
+    strong = d["strong_augment"] + (" (RandAugment + Cutout)" if d["strong_augment"] == "paper" else "")
+    return (f"With no dataset named, runs a short demo: dataset {d['dataset_name']} (scikit-learn's, no download), "
+            f"{d['num_labeled']} labels, model {d['model']}, {d['image_size']} px, "
+            f"B={d['per_device_train_batch_size']}, {d['max_train_steps']} steps, strong augmentation {strong}, "
+            f"{'horizontal flip' if d['hflip'] else 'no flip'}, seed {d['seed']}, output {d['output_dir']}; "
+            "flags, --preset and --config override any of these. Naming --dataset_name digits instead keeps "
+            "the paper's defaults, except that digits are never flipped.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fixmatch-train",
-        description="FixMatch semi-supervised image classification on HuggingFace Accelerate. "
-        "With no dataset named, runs a short demo on scikit-learn's digits.",
+        description="FixMatch semi-supervised image classification on HuggingFace Accelerate. " + _demo_description(),
         argument_default=argparse.SUPPRESS,  # so we can tell flags given from defaults
     )
     hints = typing.get_type_hints(TrainConfig)
@@ -289,6 +301,8 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[TrainConfig, Dict[str,
     for source, layer in layers:
         for k, v in layer.items():
             values[k], sources[k] = v, source
+    if values["dataset_name"] == "digits" and sources["hflip"] == "default":
+        values["hflip"], sources["hflip"] = False, "digits"  # a mirrored digit is another symbol, however named
     cfg = TrainConfig(**values)
     try:
         validate(cfg)
@@ -343,6 +357,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--max_bad_image_fraction must be in [0, 1], got {cfg.max_bad_image_fraction}")
     if cfg.streaming and cfg.cache_decoded:
         raise UsageError("--cache_decoded cannot be used with --streaming (a stream is never held whole)")
+    if not 0.0 < cfg.train_val_split < 1.0:
+        raise UsageError(f"--train_val_split must be in (0, 1), got {cfg.train_val_split}")
     if cfg.image_size is not None and cfg.image_size < 4:
         raise UsageError(f"--image_size must be at least 4, got {cfg.image_size}")
 

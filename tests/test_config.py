@@ -23,6 +23,29 @@ def test_no_dataset_means_the_demo_and_flags_override_it():
     assert sources["lambda_u"] == "flag" and sources["mu"] == "default" and sources["image_size"] == "demo"
 
 
+def test_digits_is_never_flipped_however_it_is_named(tmp_path):
+    cfg, sources = parse_args(["--dataset_name", "digits"])
+    assert cfg.hflip is False and sources["hflip"] == "digits"
+    assert cfg.model == "wrn28_2" and sources["model"] == "default"  # only the flip: not the demo's settings
+    cfg, sources = parse_args(["--dataset_name", "digits", "--hflip"])  # a layer that sets it wins
+    assert cfg.hflip is True and sources["hflip"] == "flag"
+    config = tmp_path / "run.yaml"
+    config.write_text("dataset_name: digits\nhflip: true\n")
+    assert parse_args(["--config", str(config)])[0].hflip is True
+    assert parse_args(["--dataset_name", "cifar10"])[0].hflip is True
+
+
+def test_help_says_what_the_demo_sets(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the description
+    for part in (f"dataset {DEMO['dataset_name']}", f"{DEMO['num_labeled']} labels", f"model {DEMO['model']}",
+                 f"{DEMO['image_size']} px", f"B={DEMO['per_device_train_batch_size']}",
+                 f"{DEMO['max_train_steps']} steps", "strong augmentation paper", "no flip",
+                 f"output {DEMO['output_dir']}"):
+        assert part in text, part
+
+
 def test_boolean_flags():
     assert parse_args(["--dataset_name", "x", "--no-hflip"])[0].hflip is False
     assert parse_args(["--dataset_name", "x"])[0].hflip is True
@@ -38,6 +61,8 @@ def test_unknown_flag_and_bad_choice_exit(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--threshold", "1.5"], "--threshold must be in \\[0, 1\\], got 1.5"),
+    (["--train_val_split", "0"], "--train_val_split must be in \\(0, 1\\), got 0.0"),
+    (["--train_val_split", "1"], "--train_val_split must be in \\(0, 1\\), got 1.0"),
     (["--mu", "0"], "--mu must be at least 1, got 0"),
     (["--temperature", "0"], "--temperature must be positive"),
     (["--max_eval_samples", "0"], "--max_eval_samples must be at least 1, got 0"),

@@ -145,9 +145,11 @@ def test_missing_inputs_name_the_flag(tmp_path):
         load_data(TrainConfig(dataset_name=str(tmp_path / "nope")))
     with pytest.raises(UsageError, match="--eval_split 'dev': no such split \\(splits: train, test\\)"):
         load_data(TrainConfig(dataset_name="digits", eval_split="dev"))
-    write_image_folder(tmp_path / "train")
-    with pytest.raises(UsageError, match="no 'validation' or 'test' split .*--validation_dir"):
-        load_data(TrainConfig(train_dir=str(tmp_path / "train")))
+    write_image_folder(tmp_path / "train")  # no eval split: a held-out part, unless it would be empty
+    with pytest.raises(UsageError, match=r"--train_val_split 0.01: holds out no row of the 24 rows of --train_split "
+                                         r"'train'; raise it, or name an eval split with --eval_split or "
+                                         r"--validation_dir"):
+        load_data(TrainConfig(train_dir=str(tmp_path / "train"), train_val_split=0.01))
 
 
 def test_repeat_to_fill():
@@ -229,3 +231,91 @@ def test_an_eval_label_the_train_split_lacks_is_an_error(tmp_path):
     with pytest.raises(UsageError, match=r"--train_split 'train' \(its first 1 rows, --max_train_samples\) has 1 "
                                          r"class\(es\) \(ant\)"):
         load_data(TrainConfig(dataset_name=str(tmp_path), label_column_name="y", max_train_samples=1))
+
+
+def _image_paths(ds, column="image"):
+    return [value["path"] for value in ds[column]]
+
+
+def test_no_eval_split_holds_out_a_seeded_stratified_part_of_train(tmp_path):
+    write_image_folder(tmp_path / "train", per_class=20)
+    cfg = TrainConfig(train_dir=str(tmp_path / "train"), num_labeled=6, seed=4)
+    data = load_data(cfg)
+    assert data.carve == {"fraction": 0.15, "seed": 4, "held_out": 9}
+    assert data.eval_split == "train (15% held out, seed 4)" and data.num_train == 51 == len(data.train)
+    assert np.bincount(data.eval_labels).tolist() == [3, 3, 3]  # stratified
+    assert data.train_labels.tolist() == data.train["label"] and data.eval_labels.tolist() == data.eval["label"]
+    held, kept = set(_image_paths(data.eval)), set(_image_paths(data.train))
+    assert len(held) == 9 and not held & kept and len(held | kept) == 60  # never trained on
+    assert "9 rows held out" in data.notes[0] and "the other 51" in data.notes[0]
+    assert _image_paths(load_data(cfg).eval) == _image_paths(data.eval)  # seeded
+    other = load_data(TrainConfig(train_dir=str(tmp_path / "train"), seed=5, train_val_split=0.3))
+    assert other.carve["held_out"] == 18 and set(_image_paths(other.eval)) != held
+
+    idx = labeled_split(cfg, data)  # positions among the rows left, saved with the hold-out
+    save_labeled_split(str(tmp_path / "split.json"), idx, cfg, data)
+    saved = json.loads((tmp_path / "split.json").read_text())
+    assert saved["train_val_split"] == data.carve and saved["indices"] == idx
+    assert labeled_split(TrainConfig(labeled_split_file=str(tmp_path / "split.json")), data) == idx
+    with pytest.raises(UsageError, match=r"split.json': its indices count the train rows left with 9 eval rows held "
+                                         r"out of the train split \(--train_val_split 0.15, --seed 4\), this run has "
+                                         r"18 eval rows .*--seed 5\)"):
+        labeled_split(TrainConfig(labeled_split_file=str(tmp_path / "split.json")), other)
+    with pytest.raises(UsageError, match=r"class 'cat' has only 17, in the train rows left after holding out 9 for "
+                                         r"evaluation \(--train_val_split 0.15\)"):
+        labeled_split(TrainConfig(num_labeled=54), data)
+
+
+def test_evaluating_on_the_train_split_is_noted(tmp_path):
+    assert load_data(TrainConfig(dataset_name="digits")).notes == []
+    data = load_data(TrainConfig(dataset_name="digits", eval_split="train"))
+    assert data.carve is None and data.eval_split == "train" and len(data.eval) == data.num_train
+    assert len(data.notes) == 1 and "evaluating on the training data (--eval_split 'train')" in data.notes[0]
+    write_image_folder(tmp_path / "train")
+    same = load_data(TrainConfig(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "train")))
+    assert "evaluating on the training data (--validation_dir" in same.notes[0]
+
+
+@pytest.mark.parametrize("name, dtype, values", [("label", "string", ["cow", "ant", "cow", "yak"]),
+                                                 ("labels", "int32", [5, 2, 5, 9])])
+def test_a_plain_column_named_label_or_labels_is_the_label_column(tmp_path, name, dtype, values):
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    features = Features({"image": Image(), name: Value(dtype), "note": Value("string")})
+    for split in ("train", "test"):
+        images = [PILImage.new("RGB", (8, 8)) for _ in values]
+        Dataset.from_dict({"image": images, name: values, "note": ["x"] * 4}, features=features).to_parquet(
+            str(tmp_path / f"{split}.parquet"))
+    data = load_data(TrainConfig(dataset_name=str(tmp_path)))
+    assert data.label_column == name and data.class_names == sorted(map(str, set(values)), key=str)
+    assert data.train_labels.tolist() == [1, 0, 1, 2]
+    with pytest.raises(UsageError, match="--label_column_name 'image' holds"):  # a named column still wins
+        load_data(TrainConfig(dataset_name=str(tmp_path), label_column_name="image"))
+
+
+def test_a_float_column_named_label_is_not_taken(tmp_path):
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    features = Features({"image": Image(), "label": Value("float32")})
+    Dataset.from_dict({"image": [PILImage.new("RGB", (8, 8))] * 2, "label": [0.5, 1.5]}, features=features
+                      ).to_parquet(str(tmp_path / "train.parquet"))
+    with pytest.raises(UsageError, match="found no ClassLabel columns among image, label: name one with "
+                                         "--label_column_name"):
+        load_data(TrainConfig(dataset_name=str(tmp_path)))
+
+
+@pytest.mark.parametrize("layout, found", [(("cat/indoor", "cat/outdoor", "dog"), "cat/indoor/0.png"),
+                                           (("cat", "cat/sub0/deeper", "dog"), "cat/sub0/deeper/0.png")])
+def test_nested_class_folders_are_refused_naming_one_path(tmp_path, layout, found):
+    for folder in layout:
+        write_image_folder(tmp_path / "train" / folder, classes=("",), per_class=2)
+    write_image_folder(tmp_path / "val", classes=("cat", "dog"), per_class=1)
+    (tmp_path / "val" / "dog" / ".hidden").mkdir()  # hidden folders are skipped, as the builder skips them
+    write_image_folder(tmp_path / "val" / "dog" / ".hidden", classes=("x",), per_class=1)
+    with pytest.raises(UsageError, match=rf"^--train_dir '.*train': images must sit directly in the class folders "
+                                         rf"\(one subfolder per class, no deeper\), found {found}$"):
+        load_data(TrainConfig(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "val")))
+    with pytest.raises(UsageError, match=r"^--validation_dir '.*train': images must sit directly"):
+        load_data(TrainConfig(train_dir=str(tmp_path / "val"), validation_dir=str(tmp_path / "train")))

@@ -289,6 +289,11 @@ def test_streaming_errors_are_one_line(tmp_path, parquet_dir):
         labeled_split(TrainConfig(num_labeled=300), data)
     with pytest.raises(UsageError, match=r"--train_split 'unlabeled': no such split \(splits: train, test\)"):
         load_data(TrainConfig(dataset_name=str(parquet_dir), streaming=True, train_split="unlabeled"))
+    write_image_folder(tmp_path / "train")  # no eval split: nothing to hold out of a stream
+    with pytest.raises(UsageError, match=r"^no 'validation' or 'test' split \(splits: train\) and --streaming cannot "
+                                         r"hold out --train_val_split of a stream: name one with --eval_split or "
+                                         r"give --validation_dir$"):
+        load_data(TrainConfig(train_dir=str(tmp_path / "train"), streaming=True))
     with pytest.raises(UsageError, match="cannot be used with --streaming"):
         from fixmatch_accel.config import parse_args
         parse_args(["--dataset_name", "x", "--streaming", "--cache_decoded"])

@@ -2,6 +2,8 @@
 
 The split is a sorted list of train positions (`SplitData.train_labels` order), written
 to labeled_split.json so a run, a resume and a later run can use the very same rows.
+When eval rows were held out of the train split, the positions count the rows left, and
+the file records the hold-out so the same rows are held out again.
 """
 
 import json
@@ -42,7 +44,13 @@ def labeled_split(cfg, data: SplitData, source: Optional[str] = None) -> List[in
     `source` names the file in errors when it is not the user's flag (a checkpoint's split).
     """
     if cfg.labeled_split_file is None:
-        return select_labeled(data.train_labels, cfg.num_labeled, data.num_classes, cfg.seed, data.class_names)
+        try:
+            return select_labeled(data.train_labels, cfg.num_labeled, data.num_classes, cfg.seed, data.class_names)
+        except UsageError as e:
+            if data.carve is None:
+                raise
+            raise UsageError(f"{e}, in the train rows left after holding out {data.carve['held_out']} for evaluation "
+                             f"(--train_val_split {data.carve['fraction']})") from None
     path = cfg.labeled_split_file
     where = source or f"--labeled_split_file {path!r}"
     try:
@@ -57,6 +65,8 @@ def labeled_split(cfg, data: SplitData, source: Optional[str] = None) -> List[in
         raise UsageError(f"{where}: cannot read it ({e.strerror})") from None
     if not isinstance(indices, list):
         raise UsageError(f"{where}: not a labeled_split.json (needs an 'indices' list)")
+    if isinstance(record.get("per_class"), dict):  # a file we wrote: it may record a hold-out
+        _check_same_carve(where, record.get("train_val_split"), data.carve)
     n = data.num_train
     bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < n]
     if bad or not indices:
@@ -73,6 +83,20 @@ def labeled_split(cfg, data: SplitData, source: Optional[str] = None) -> List[in
                              f"it was saved (per class then {saved}, now {found}); was it made for another dataset, "
                              f"train split or --max_train_samples?")
     return sorted(int(i) for i in indices)  # the order a drawn split has (and a stream's rows are fetched in)
+
+
+def _check_same_carve(where: str, saved: Optional[Dict], carve: Optional[Dict]) -> None:
+    """A saved split's indices mean the same rows only when the same eval rows were held out of train."""
+    if saved == carve:
+        return
+
+    def held(c) -> str:
+        return (f"{c.get('held_out')} eval rows held out of the train split (--train_val_split "
+                f"{c.get('fraction')}, --seed {c.get('seed')})" if isinstance(c, dict)
+                else "no rows held out of the train split")
+
+    raise UsageError(f"{where}: its indices count the train rows left with {held(saved)}, this run has "
+                     f"{held(carve)}")
 
 
 def labeled_examples(cfg, data: SplitData, indices: List[int]):
@@ -136,8 +160,10 @@ def save_labeled_split(path: str, indices: List[int], cfg, data: SplitData) -> N
         seed=cfg.seed,
         num_labeled=len(indices),
         per_class={name: int(np.sum(labels == c)) for c, name in enumerate(data.class_names)},
-        indices=indices,
     )
+    if data.carve is not None:  # eval rows held out of the train split: the indices count the rows left
+        record["train_val_split"] = data.carve
+    record["indices"] = indices
     if cfg.labeled_split_file is not None:  # read, not drawn now: keep the seed that drew it
         with open(cfg.labeled_split_file) as f:
             record.update(seed=json.load(f).get("seed"), labeled_split_file=cfg.labeled_split_file)
