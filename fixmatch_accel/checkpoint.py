@@ -300,9 +300,9 @@ def reconcile_resume(cfg, sources: Dict[str, str], path: str, saved: Dict, step:
         if sources.get(name, "flag") in ("default", "demo"):  # not asked for now: continue the run as it was
             values[name] = then
         elif name in FIXED_ON_RESUME:
-            raise UsageError(f"--{name} {now!r}: --resume_from_checkpoint {path!r} was trained with --{name} "
-                             f"{then!r}, which a resumed run cannot change (resume with --{name} {then!r}, or start "
-                             "a new run in another --output_dir)")
+            raise UsageError(f"--resume_from_checkpoint {path!r}: cannot load it with --{name} {now!r}: its run was "
+                             f"trained with --{name} {then!r}, which a resumed run cannot change (resume with "
+                             f"--{name} {then!r}, or start a new run in another --output_dir)")
         elif name in KEPT_ON_RESUME:
             values[name] = then
             notes.append(f"note: --{name} {now} does not apply: a resumed run keeps {then} ({KEPT_ON_RESUME[name]} "
