@@ -1,17 +1,23 @@
-"""Checkpoints and the output folder: atomic save, strict load, which checkpoint to resume, whose folder it is."""
+"""Checkpoints and the output folder: atomic save, strict load, which checkpoint to resume, whose folder it is.
 
+Imports no torch at module level: the resume and output-folder checks run before the training stack is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
 import json
 import os
 import re
 import shutil
 import time
 from functools import partial
-from typing import Dict, List, Optional
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 from .errors import UsageError, describe
+
+if TYPE_CHECKING:
+    import torch
 
 # Files that mark an output_dir as holding a run.
 RUN_FILES = ("metrics.jsonl", "checkpoints", "model.safetensors")
@@ -27,20 +33,30 @@ class TrainState:
         self.step = 0
         self.skipped = 0  # non-finite steps skipped with --skip_nonfinite_steps
         self.bad_images = 0  # unreadable images the training loaders replaced
+        self.labeled_seen = 0  # images drawn, over all processes (true across a change of world size)
+        self.unlabeled_seen = 0
         self.positions: Dict[str, List[int]] = {}
         self.layout: Dict[str, int] = {}  # processes and workers: the data order depends on them
+        self.settings: Dict = {}  # the run's settings, which a resume compares with its own
 
     def to_json(self) -> Dict:
         return {"step": self.step, "skipped": self.skipped, "bad_images": self.bad_images,
-                "positions": self.positions, "layout": self.layout}
+                "labeled_seen": self.labeled_seen, "unlabeled_seen": self.unlabeled_seen,
+                "positions": self.positions, "layout": self.layout, "settings": self.settings}
 
     def load_json(self, saved: Dict) -> Dict[str, int]:
         """Take a checkpoint's state; return the layout it was saved with."""
         self.step = int(saved["step"])
         self.skipped = int(saved.get("skipped", 0))
         self.bad_images = int(saved.get("bad_images", 0))
+        layout = saved.get("layout", {})
+        # Checkpoints written before these counters: every step drew B (and mu*B) images on each process.
+        B, mu = (self.settings.get(k) for k in ("per_device_train_batch_size", "mu"))
+        drawn = self.step * (B or 0) * layout.get("processes", 1)
+        self.labeled_seen = int(saved.get("labeled_seen", drawn))
+        self.unlabeled_seen = int(saved.get("unlabeled_seen", drawn * (mu or 0)))
         self.positions = {k: [int(e), int(b)] for k, (e, b) in saved["positions"].items()}
-        return saved.get("layout", {})
+        return layout
 
 
 def write_json(path: str, obj) -> None:
@@ -72,6 +88,8 @@ def save_checkpoint(accelerator, output_dir: str, state: TrainState, ema, genera
     and one generator_<rank>.safetensors per process. Nothing is pickled, so loading
     runs no code from the checkpoint (accelerate would unpickle registered objects).
     """
+    from safetensors.torch import save_file
+
     final = os.path.join(output_dir, "checkpoints", f"step_{state.step}")
     tmp = final + ".tmp"
     if accelerator.is_main_process and os.path.isdir(tmp):
@@ -111,6 +129,7 @@ def _read_all(path: str, rank: int) -> Dict:
     here (trainer state, EMA, generator); accelerate reads the rest again in load_state.
     """
     from accelerate.utils.other import load as weights_only_load
+    from safetensors.torch import load_file
 
     readers = {"trainer_state.json": _read_json, "model.safetensors": load_file, "optimizer.bin":
                partial(weights_only_load, map_location="cpu"), "scheduler.bin": weights_only_load,
@@ -153,7 +172,11 @@ def resolve_resume(cfg) -> Optional[str]:
     """The checkpoint folder --resume_from_checkpoint names (None for a new run), checked to be one."""
     if cfg.resume_from_checkpoint is None:
         return None
-    if cfg.resume_from_checkpoint == "latest":
+    if cfg.resume_from_checkpoint == "auto":
+        path = latest_checkpoint(cfg.output_dir)
+        if path is None:
+            return None
+    elif cfg.resume_from_checkpoint == "latest":
         path = latest_checkpoint(cfg.output_dir)
         if path is None:
             raise UsageError(f"--resume_from_checkpoint latest: no checkpoint under {cfg.output_dir}/checkpoints")
@@ -165,6 +188,19 @@ def resolve_resume(cfg) -> Optional[str]:
         raise UsageError(f"--resume_from_checkpoint {path!r}: not a checkpoint (no trainer_state.json); "
                          "checkpoints are OUTPUT_DIR/checkpoints/step_N")
     return path
+
+
+def saved_settings(path: str) -> Optional[Dict]:
+    """The settings of the run that wrote a checkpoint: its trainer_state.json, else (older checkpoints)
+    the config.json of its run folder; None when neither says."""
+    for file, key in (("trainer_state.json", "settings"), (os.path.join("..", "..", "config.json"), "settings")):
+        try:
+            settings = _read_json(os.path.join(path, file)).get(key)
+        except Exception:
+            continue
+        if isinstance(settings, dict) and settings:
+            return settings
+    return None
 
 
 def saved_step(path: str) -> int:
@@ -235,3 +271,48 @@ class Checkpointer:
 
     def latest(self) -> Optional[str]:
         return latest_checkpoint(self.output_dir)
+
+
+# What a resumed run does with a setting given now that differs from its checkpoint's run. A setting not given
+# now (a default, or the demo's) is the checkpoint's, silently.
+# Refused: the model and data it trained on, and the batch shape its data positions count in.
+FIXED_ON_RESUME = ("model", "dataset_name", "dataset_config_name", "train_dir", "validation_dir", "train_split",
+                   "image_column_name", "label_column_name", "max_train_samples", "image_size", "streaming",
+                   "unlabeled_excludes_labeled", "per_device_train_batch_size", "mu")
+# Kept from the checkpoint, with a note: its optimizer and schedule state hold these, and the seed drew its
+# statistics sample, data order and augmentation streams.
+KEPT_ON_RESUME = {"learning_rate": "the optimizer and schedule state", "momentum": "the optimizer state",
+                  "weight_decay": "the optimizer state", "seed": "the data order, augmentation and statistics"}
+# Where this invocation writes and how it was configured: never compared (the labeled split has its own rule).
+NOT_COMPARED = ("resume_from_checkpoint", "output_dir", "overwrite_output_dir", "config", "preset",
+                "labeled_split_file", "num_labeled", "report_to", "dataloader_num_workers", "ddp_timeout")
+
+
+def reconcile_resume(cfg, sources: Dict[str, str], path: str, saved: Dict, step: int):
+    """A resumed run's settings and the notes that say what changed: returns (cfg, sources, notes)."""
+    from .optim import cosine_lr_factor
+
+    now_values, values, notes = cfg.to_dict(), {}, []
+    for name, then in saved.items():
+        now = now_values.get(name, then)
+        if name not in now_values or name in NOT_COMPARED or now == then:
+            continue
+        if sources.get(name, "flag") in ("default", "demo"):  # not asked for now: continue the run as it was
+            values[name] = then
+        elif name in FIXED_ON_RESUME:
+            raise UsageError(f"--resume_from_checkpoint {path!r}: cannot load it with --{name} {now!r}: its run was "
+                             f"trained with --{name} {then!r}, which a resumed run cannot change (resume with "
+                             f"--{name} {then!r}, or start a new run in another --output_dir)")
+        elif name in KEPT_ON_RESUME:
+            values[name] = then
+            notes.append(f"note: --{name} {now} does not apply: a resumed run keeps {then} ({KEPT_ON_RESUME[name]} "
+                         "of its checkpoint holds it)")
+        elif name == "max_train_steps":
+            lr = values.get("learning_rate", saved.get("learning_rate", cfg.learning_rate))
+            notes.append(f"note: --max_train_steps {now} (was {then}): the cosine schedule now spans {now} steps, so "
+                         f"the learning rate of step {step + 1} moves from {lr * cosine_lr_factor(step, then):.6g} "
+                         f"to {lr * cosine_lr_factor(step, now):.6g}")
+        else:
+            notes.append(f"note: --{name} {now!r} (was {then!r}) takes effect from step {step + 1}")
+    sources = dict(sources, **{name: "checkpoint" for name in values})
+    return dataclasses.replace(cfg, **values), sources, notes

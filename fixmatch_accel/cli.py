@@ -11,11 +11,14 @@ def _train(argv: Optional[List[str]]) -> int:
     from .config import parse_args
 
     cfg, sources = parse_args(argv)
-    from .stop import Stopped  # imported late so `--help` stays fast
+    from .preflight import check_start  # imported late so `--help` and flag errors stay fast
+
+    start = check_start(cfg, sources)  # before the training stack is imported
+    from .stop import Stopped
     from .trainer import train
 
     try:
-        train(cfg, sources)
+        train(cfg, sources, start)
     except Stopped as e:
         print(f"fixmatch-train: {'' if e.exit_code == 0 else 'error: '}{e}", file=sys.stderr)
         return e.exit_code

@@ -81,7 +81,7 @@ class TrainConfig:
     checkpointing_steps: int = _f(4096, "Steps between checkpoints under output_dir/checkpoints; 0: none.")
     skip_nonfinite_steps: bool = _f(False, "Skip (and count) a step whose loss is not finite instead of stopping; costs a host sync per step.")
     checkpoints_total_limit: Optional[int] = _f(None, "Keep only the newest K checkpoints (older ones are deleted); default: keep all.")
-    resume_from_checkpoint: Optional[str] = _f(None, "Checkpoint folder to resume from, or 'latest' (newest in output_dir/checkpoints).")
+    resume_from_checkpoint: Optional[str] = _f(None, "Checkpoint folder to resume from; 'latest' (newest in output_dir/checkpoints); or 'auto': resume from the newest when there is one, else start (one command for preemptible jobs). A resumed run keeps its checkpoint's model, data, batch shape, optimizer settings and seed; other settings given now take effect, with a note.")
     output_dir: str = _f("outputs/fixmatch", "Where the run writes config.json, metrics.jsonl, checkpoints and the model.")
     overwrite_output_dir: bool = _f(False, "Start a new run in an output_dir that holds another run; its files are moved into OUTPUT_DIR/replaced_<time>/ (nothing is deleted).")
     report_to: str = _f("none", "Trackers for accelerate (tensorboard, wandb, ..., all) besides metrics.jsonl; 'none' for none.")

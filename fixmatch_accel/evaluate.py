@@ -55,6 +55,7 @@ def evaluate(model, loader, accelerator, prepare_inputs: Callable, num_classes: 
     return {
         "top1": float(correct1.sum() / n * 100),
         "top5": float(correct5 / n * 100),
+        "top_k": k,  # what top5 measures: top-k with k = min(5, classes)
         "per_class": [float(c / t * 100) if t > 0 else None for c, t in zip(correct1, total)],
         "num_eval": int(total.sum()),
         "skipped_images": int(skipped),

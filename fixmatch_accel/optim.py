@@ -19,6 +19,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]:
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
+def schedule_at(scheduler, step: int) -> None:
+    """Set the learning rates of optimizer step `step` + 1 from the schedule as configured now.
+
+    A resumed optimizer holds the rate its checkpoint's schedule computed; after a change of
+    --max_train_steps that rate would be used for one more step.
+    """
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper steps only when gradients sync
+    inner.last_epoch = step - 1
+    inner.step()
+
+
 def build_optimizer(cfg, model: torch.nn.Module, device: torch.device) -> Tuple[torch.optim.Optimizer, object]:
     """Nesterov SGD and the cosine schedule over --max_train_steps optimizer steps."""
     # fused: one CUDA kernel for the whole update; elsewhere the foreach default.

@@ -169,6 +169,9 @@ class RunLog:
     def add(self, stats: Optional[Dict[str, torch.Tensor]], rows: torch.Tensor) -> None:
         """Statistics stay on the device until a logging step."""
         self.window.add(stats, rows)
+        world, B, U = self._batch()
+        self.state.labeled_seen += B * world
+        self.state.unlabeled_seen += U * world
         if stats is None:
             self.state.skipped += 1
         self.bar.update(1)
@@ -187,10 +190,9 @@ class RunLog:
             self.state.bad_images += summary["bad_images"]
             bad_row = int(self.accelerator.gather(self.window.sums["bad_row"].view(1)).max())
             self.bad_images.check_training(self.state.bad_images, bad_row, step * self.images_per_step)
-        world, B, U = self._batch()
         elapsed = time.perf_counter() - self.window_start - self.paused_s
         row = dict(step=step, lr=lr, images_per_s=self.images_per_step * self.window.steps / max(elapsed, 1e-9),
-                   labeled_seen=step * B * world, unlabeled_seen=step * U * world,
+                   labeled_seen=self.state.labeled_seen, unlabeled_seen=self.state.unlabeled_seen,
                    skipped_steps=self.state.skipped, skipped_images=self.bad_images.total(self.state.bad_images),
                    **{k: v for k, v in summary.items() if k != "bad_images"})
         self.metrics.write(row)
@@ -230,7 +232,8 @@ class RunLog:
             self.paused_s += time.perf_counter() - start
 
     def write_eval(self, step: int, result: Dict) -> None:
-        self.metrics.write(dict(step=step, top1=result["top1"], top5=result["top5"], per_class=result["per_class"],
+        self.metrics.write(dict(step=step, top1=result["top1"], top5=result["top5"], top_k=result["top_k"],
+                                per_class=result["per_class"],
                                 # not "skipped_images": trackers would mix it up with the training rows' count
                                 num_eval=result["num_eval"], eval_skipped_images=result["skipped_images"]))
 

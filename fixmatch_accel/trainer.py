@@ -7,20 +7,15 @@ from typing import Dict, Optional
 
 import torch
 
-from . import augment
 from .checkpoint import (
     Checkpointer,
     TrainState,
-    check_output_dir,
     load_checkpoint,
-    resolve_resume,
-    saved_step,
     set_aside_previous_run,
     write_json,
 )
 from .config import Resolved, TrainConfig, resolve
 from .data import (
-    channel_stats,
     default_image_size,
     image_sizes,
     labeled_examples,
@@ -29,6 +24,7 @@ from .data import (
     save_labeled_split,
     stats_rows,
 )
+from .data.images import sampled_channel_stats
 from .data.pipeline import BadImages, build_loaders, decode_cache, endless, num_workers
 from .data.streaming import StreamLoader
 from .ema import ModelEMA
@@ -36,7 +32,8 @@ from .errors import UsageError
 from .evaluate import Evaluator
 from .launch import make_accelerator
 from .models import create_model
-from .optim import build_optimizer
+from .optim import build_optimizer, schedule_at
+from .preflight import Start, check_start
 from .runlog import RunLog, trackers, write_run_config
 from .step import TrainStep, model_inputs
 from .stop import StopSignal, all_finite, finite_weights, nonfinite
@@ -79,7 +76,7 @@ class Run:
 
     @property
     def top_k(self) -> str:
-        return f"top-{min(5, self.rd.data.num_classes)}"  # what "top5" measures with fewer than five classes
+        return f"top-{min(5, self.rd.data.num_classes)}"  # what "top5" measures (top_k in the files)
 
     def nonfinite(self, step: int):
         return self.log.nonfinite(step, step - self.log.window.steps)
@@ -96,9 +93,9 @@ class Run:
         return result
 
 
-def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None) -> Dict:
-    """Run FixMatch as configured; return the final evaluation."""
-    run = setup_run(cfg, sources or {})
+def train(cfg: TrainConfig, sources: Optional[Dict[str, str]] = None, start: Optional[Start] = None) -> Dict:
+    """Run FixMatch as configured; return the final evaluation. `start`: check_start's result, when made already."""
+    run = setup_run(start or check_start(cfg, sources or {}))
     stop = StopSignal(run.accelerator)
     try:
         loop(run, stop)
@@ -183,23 +180,22 @@ def finish(run: Run) -> Dict:
     return result
 
 
-def setup_run(cfg: TrainConfig, sources: Dict[str, str]) -> Run:
-    """Check the start, then data, model, optimizer, EMA, resume, and what the run writes."""
+def setup_run(start: Start) -> Run:
+    """Data, model, optimizer, EMA, resume, and what the run writes."""
     from accelerate.utils import set_seed
 
-    cfg, sources, resume_path, replacing, split_from_checkpoint = check_start(cfg, sources)
+    cfg, sources, resume_path, replacing, split_from_checkpoint, notes = start
     accelerator = make_accelerator(cfg, trackers(cfg.report_to))
+    for note in notes:
+        accelerator.print(note)
     set_seed(cfg.seed)
-    try:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--output_dir {cfg.output_dir!r}: cannot create it ({e.strerror})") from None
     rd = setup_data(cfg, sources, accelerator, resume_path if split_from_checkpoint else None, replacing)
     model, optimizer, scheduler, loaders = setup_model(cfg, accelerator, rd)
     live_model = accelerator.unwrap_model(model)
     ema = ModelEMA(live_model, cfg.ema_decay)
     ema.module.to(accelerator.device)  # the EMA copy is never prepared: it is evaluated and saved as it is
     state = TrainState()
+    state.settings = cfg.to_dict()
     state.layout = dict(processes=accelerator.num_processes,
                         **({"workers": num_workers(cfg)} if rd.data.streaming else {}))
     # XLA has no torch.Generator: draw the (small) augmentation parameters on the host, the same numbers as a
@@ -209,6 +205,7 @@ def setup_run(cfg: TrainConfig, sources: Dict[str, str]) -> Run:
         cfg.seed * 1_000_003 + accelerator.process_index)
     if resume_path is not None:
         load_checkpoint(accelerator, resume_path, state, ema, generator)
+        schedule_at(scheduler, state.step)
         accelerator.print(f"resumed from {resume_path} at step {state.step}"
                           + (", labeled split from the checkpoint" if split_from_checkpoint else ""))
     mean = torch.tensor(rd.mean, device=device).view(1, -1, 1, 1)
@@ -236,32 +233,6 @@ def setup_run(cfg: TrainConfig, sources: Dict[str, str]) -> Run:
                endless(unlabeled_loader, "unlabeled", state.positions, accelerator), log, evaluator, checkpointer)
 
 
-def check_start(cfg: TrainConfig, sources: Dict[str, str]):
-    """What can be refused before any data is read; a resumed run takes its checkpoint's labeled split.
-
-    Returns (cfg, sources, checkpoint to resume or None, whether a previous run is set aside,
-    whether the labeled split is the checkpoint's).
-    """
-    try:
-        augment.parse_strong_augment(cfg.strong_augment)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    resume_path = resolve_resume(cfg)
-    replacing = check_output_dir(cfg, resume_path)
-    if resume_path is not None and (at := saved_step(resume_path)) > cfg.max_train_steps:
-        raise UsageError(f"--resume_from_checkpoint {resume_path!r} is at step {at}, past "
-                         f"--max_train_steps {cfg.max_train_steps}")
-    saved_split = resume_path and os.path.join(resume_path, "labeled_split.json")
-    if saved_split and cfg.labeled_split_file is None:
-        if not os.path.exists(saved_split):  # never a silent redraw from today's flags
-            raise UsageError(f"--resume_from_checkpoint {resume_path!r}: it has no labeled_split.json, so the run's "
-                             "labeled examples are unknown; name them with --labeled_split_file")
-        # A resumed run trains on the labels it started with, whatever --seed or --num_labeled say now.
-        cfg = dataclasses.replace(cfg, labeled_split_file=saved_split)
-        sources = dict(sources, labeled_split_file="checkpoint")
-    return cfg, sources, resume_path, replacing, bool(saved_split) and cfg.labeled_split_file == saved_split
-
-
 def setup_data(cfg: TrainConfig, sources: Dict[str, str], accelerator, split_checkpoint: Optional[str],
                replacing: bool) -> RunData:
     """Splits, labeled examples, the auto settings, channel statistics, the decoded cache and the loaders.
@@ -278,6 +249,10 @@ def setup_data(cfg: TrainConfig, sources: Dict[str, str], accelerator, split_che
             and cfg.num_labeled != len(labeled_idx):
         accelerator.print(f"note: --num_labeled {cfg.num_labeled} does not apply: a resumed run keeps the "
                           f"{len(labeled_idx)} labeled examples of its checkpoint")
+    try:  # only now that the data and split are known good: a refused run leaves no empty folder behind
+        os.makedirs(cfg.output_dir, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--output_dir {cfg.output_dir!r}: cannot create it ({e.strerror})") from None
     if accelerator.is_main_process:
         if replacing:  # only now: --labeled_split_file may have named the previous run's split
             accelerator.print(f"--overwrite_output_dir: the previous run's files are now in "
@@ -289,16 +264,19 @@ def setup_data(cfg: TrainConfig, sources: Dict[str, str], accelerator, split_che
     resolved = resolve(cfg, device_type=accelerator.device.type, num_train=data.num_train, streaming=data.streaming,
                        dataset_image_size=lambda: default_image_size(image_sizes(stats_source, data.image_column,
                                                                                  rows)))
-    mean, std = channel_stats(stats_source, data.image_column, resolved.image_size, rows)
-    found, checked = list(bad_labeled), len(labeled_idx) + len(bad_labeled)
+    mean, std, bad_sampled = sampled_channel_stats(stats_source, data.image_column, resolved.image_size, rows)
+    bad_images = BadImages(cfg, data, accelerator.print)  # only training reads count towards the budget
+    bad_images.read(labeled_idx, bad_labeled)
+    if not data.streaming:  # a stream's sample is its (readable) labeled examples
+        bad_images.read(rows, bad_sampled)
     cache, bad_eval = None, []
     if resolved.cache_decoded:
         cache, bad_train, bad_eval, decoded = decode_cache(cfg, data, resolved.image_size, show_progress)
-        found, checked = found + bad_train, checked + decoded  # only training reads count towards the budget
+        bad_images.read(range(decoded), bad_train)
         if bad_eval:
             accelerator.print(f"evaluation leaves out {len(bad_eval)} unreadable image(s), e.g. {bad_eval[0][1]}")
-    bad_images = BadImages(cfg, data, found, checked, accelerator.print)
-    bad_images.check_setup()
+    how = f"left out of {cfg.labeled_split_file}" if cfg.labeled_split_file else "redrawn within their class"
+    bad_images.check_setup(f"{len(bad_labeled)} of them labeled, {how}" if bad_labeled else "")
     loaders = build_loaders(cfg, data, labeled_idx, labeled_rows, resolved.image_size, resolved.crop_padding,
                             resolved.augment_device, accelerator, cache=cache)
     return RunData(data, labeled_idx, resolved, mean, std, bad_images, len(bad_eval), loaders)

@@ -8,11 +8,12 @@ import os
 import signal
 import sys
 
-import fixmatch_accel.checkpoint as checkpoint
+import safetensors.torch
+
 from fixmatch_accel.cli import main
 
 kill_step = int(sys.argv[1])
-real_save_file = checkpoint.save_file
+real_save_file = safetensors.torch.save_file  # save_checkpoint imports it at each call
 
 
 def save_file_then_die(tensors, path, *args, **kwargs):
@@ -21,5 +22,5 @@ def save_file_then_die(tensors, path, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-checkpoint.save_file = save_file_then_die
+safetensors.torch.save_file = save_file_then_die
 sys.exit(main(sys.argv[3:]))  # argv[2] is train.py, as conftest.run_train passes it

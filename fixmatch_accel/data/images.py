@@ -85,17 +85,23 @@ def stats_rows(n: int, seed: int, max_images: int = 2000) -> List[int]:
 
 def channel_stats(dataset, image_column: str, size: int, rows: Optional[Sequence[int]] = None, seed: int = 0):
     """Per-channel mean and std (0..1 units) over `rows` (default: a seeded sample); bad images are left out."""
+    mean, std, _ = sampled_channel_stats(dataset, image_column, size, rows, seed)
+    return mean, std
+
+
+def sampled_channel_stats(dataset, image_column: str, size: int, rows: Optional[Sequence[int]] = None, seed: int = 0):
+    """channel_stats, and the unreadable images of the sample: [(row, name, reason)]."""
     if rows is None:
         rows = stats_rows(len(dataset), seed)
-    images = []
-    for value in dataset.select(rows)[image_column]:
+    images, unreadable = [], []
+    for row, value in zip(rows, dataset.select(rows)[image_column]):
         try:
             images.append(np.asarray(to_rgb(decode_image(value), size), dtype=np.float64))
-        except BadImage:
-            pass
+        except BadImage as e:
+            unreadable.append((row, image_name(value, row), str(e)))
     if not images:
         raise UsageError(f"none of the {len(rows)} images sampled for the channel statistics could be decoded")
     pixels = np.stack(images) / 255.0
     mean = pixels.mean(axis=(0, 1, 2))
     std = pixels.std(axis=(0, 1, 2)).clip(min=1e-3)
-    return [float(m) for m in mean], [float(s) for s in std]
+    return [float(m) for m in mean], [float(s) for s in std], unreadable

@@ -2,7 +2,7 @@
 
 import os
 from functools import partial
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
 from torch.utils.data import DataLoader
 
@@ -27,13 +27,18 @@ def num_workers(cfg) -> int:
     return min(cfg.dataloader_num_workers, os.cpu_count() or 1)
 
 
+# The fraction is taken of at least this many reads, so that at the default 1% a single bad file never stops a run
+# (a redrawn labeled image was "1 of 9 read"), while a folder of mostly unreadable files still stops at set-up.
+MIN_READS = 100
+
+
 def check_bad_images(count: int, read: int, example, max_fraction: float) -> None:
-    """Stop when more than --max_bad_image_fraction of the images read could not be decoded.
+    """Stop when more than --max_bad_image_fraction of the images read (at least MIN_READS) could not be decoded.
 
     `example` names one of them: a string, or a function called only when stopping (naming
     a stream's image means reading its shard again).
     """
-    if count > max_fraction * max(read, 1):
+    if count > max_fraction * max(read, MIN_READS):
         named = example() if callable(example) else example
         raise UsageError(f"{count} of {read} images read could not be decoded ({count / max(read, 1):.2%} > "
                          f"--max_bad_image_fraction {max_fraction}), e.g. {named}")
@@ -42,21 +47,40 @@ def check_bad_images(count: int, read: int, example, max_fraction: float) -> Non
 class BadImages:
     """Unreadable training images: those found before training and those the loaders replaced since.
 
-    `found` is [(row, name, reason)] from `checked` images read before training; the
-    training reads are counted in the checkpointed TrainState and passed in.
+    Before training, `read` records each train row read (labeled examples, the statistics
+    sample, the decoded cache) once, with the unreadable ones; the training reads are
+    counted in the checkpointed TrainState and passed in.
     """
 
-    def __init__(self, cfg, data, found: List[Tuple[int, str, str]], checked: int, print_fn: Callable):
-        self.cfg, self.data, self.found, self.checked, self.print = cfg, data, found, checked, print_fn
+    def __init__(self, cfg, data, print_fn: Callable):
+        self.cfg, self.data, self.print = cfg, data, print_fn
+        self.rows_read: set = set()
+        self.unreadable: Dict[int, Tuple[int, str, str]] = {}  # row -> (row, name, reason)
+
+    def read(self, rows: Iterable[int], unreadable: Iterable[Tuple[int, str, str]]) -> None:
+        self.rows_read.update(rows)
+        for bad in unreadable:
+            self.rows_read.add(bad[0])
+            self.unreadable.setdefault(bad[0], bad)
+
+    @property
+    def found(self) -> List[Tuple[int, str, str]]:
+        return list(self.unreadable.values())
+
+    @property
+    def checked(self) -> int:
+        return len(self.rows_read)
 
     def total(self, replaced: int) -> int:
         return len(self.found) + replaced
 
-    def check_setup(self) -> None:
+    def check_setup(self, detail: str = "") -> None:
+        """Stop when too many of the images read before training were unreadable, else say once what was skipped."""
         if self.found:
             row, name, reason = self.found[0]
             check_bad_images(len(self.found), self.checked, f"{name}: {reason}", self.cfg.max_bad_image_fraction)
-            self.print(f"skipped {len(self.found)} unreadable image(s) of {self.checked} read, e.g. {name}: {reason}")
+            self.print(f"skipped {len(self.found)} unreadable image(s) of {self.checked} read"
+                       f"{f' ({detail})' if detail else ''}, e.g. {name}: {reason}")
 
     def check_training(self, replaced: int, row: int, read: int) -> None:
         """Name one unreadable image of the window (`row`); stop when too many of those read were bad."""
