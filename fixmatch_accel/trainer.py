@@ -242,6 +242,8 @@ def setup_data(cfg: TrainConfig, sources: Dict[str, str], accelerator, split_che
     show_progress = accelerator.is_main_process and sys.stderr.isatty()  # bars on a terminal; plain lines in logs
     with accelerator.main_process_first():
         data = load_data(cfg, show_progress=show_progress)
+    for note in data.notes:  # e.g. a held-out split carved from train, or evaluating on the train split
+        accelerator.print(f"note: {note}")
     split_source = (f"--resume_from_checkpoint {split_checkpoint!r}: its labeled_split.json"
                     if split_checkpoint else None)
     labeled_idx, labeled_rows, bad_labeled = labeled_examples(cfg, data, labeled_split(cfg, data, split_source))

@@ -43,6 +43,8 @@ def test_train_split_only_with_string_labels_holds_out_eval_rows(tmp_path):
     data, out = write_train_only_parquet(tmp_path / "mydata"), tmp_path / "run"
     result = run_train(["--dataset_name", data, "--num_labeled", "6", "--seed", "2", "--output_dir", out] + TINY)
     check_ok(result)
+    assert "note: no 'validation' or 'test' split: evaluating on 9 rows held out of --train_split 'train'" \
+        in result.stdout  # said once, by the trainer
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["label_names"] == ["ant", "cow", "yak"] and cfg["resolved"]["label_column"] == "label"
     resolved = cfg["resolved"]
@@ -68,8 +70,9 @@ def test_nested_class_folders_are_one_line_naming_a_path(tmp_path):
 def test_digits_named_explicitly_is_not_flipped(tmp_path):
     out = tmp_path / "run"
     result = run_train(["--dataset_name", "digits", "--num_labeled", "20", "--max_eval_samples", "30",
-                        "--output_dir", out] + TINY)
+                        "--eval_split", "train", "--output_dir", out] + TINY)
     check_ok(result)
+    assert result.stdout.count("note: evaluating on the training data (--eval_split 'train')") == 1
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["settings"]["hflip"] is False and cfg["setting_sources"]["hflip"] == "digits"
     assert cfg["setting_sources"]["num_labeled"] == "flag" and cfg["settings"]["crop_padding"] is None  # no demo
