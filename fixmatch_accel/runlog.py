@@ -175,6 +175,8 @@ class RunLog:
         if stats is None:
             self.state.skipped += 1
         self.bar.update(1)
+        if is_xla(self.accelerator.device):  # one graph per training step, launched before a logging step reads it
+            xla_sync()
 
     def due(self, step: int) -> bool:
         return step % self.cfg.logging_steps == 0 or step == self.cfg.max_train_steps
