@@ -277,8 +277,8 @@ class Checkpointer:
 # now (a default, or the demo's) is the checkpoint's, silently.
 # Refused: the model and data it trained on, and the batch shape its data positions count in.
 FIXED_ON_RESUME = ("model", "dataset_name", "dataset_config_name", "train_dir", "validation_dir", "train_split",
-                   "image_column_name", "label_column_name", "max_train_samples", "image_size", "streaming",
-                   "unlabeled_excludes_labeled", "per_device_train_batch_size", "mu")
+                   "train_val_split", "image_column_name", "label_column_name", "max_train_samples", "image_size",
+                   "streaming", "unlabeled_excludes_labeled", "per_device_train_batch_size", "mu")
 # Kept from the checkpoint, with a note: its optimizer and schedule state hold these, and the seed drew its
 # statistics sample, data order and augmentation streams.
 KEPT_ON_RESUME = {"learning_rate": "the optimizer and schedule state", "momentum": "the optimizer state",
