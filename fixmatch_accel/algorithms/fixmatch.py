@@ -7,8 +7,9 @@ that stays on the device until the trainer reduces it at a logging step.
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from .common import consistency_loss, weak_probs
 
 
 def fixmatch_loss(
@@ -34,30 +35,35 @@ def fixmatch_loss(
     with targets_u, pseudo_label_correct and pseudo_label_acc (0 when nothing is
     masked); plus mask_per_class, a [C] count of confident pseudo-labels per class.
     """
-    loss_x = F.cross_entropy(logits_x.float(), targets_x)
-
     # Pseudo-labels from the weak view; no gradient flows through them.
-    probs = torch.softmax(logits_u_w.detach().float() / temperature, dim=-1)
-    confidence, pseudo_labels = probs.max(dim=-1)
+    probs = weak_probs(logits_u_w, temperature)
+    return _fixmatch(logits_x, targets_x, probs, logits_u_s, threshold, lambda_u, targets_u)
+
+
+def loss(
+    logits_x: Tensor,
+    targets_x: Tensor,
+    probs_u_w: Tensor,
+    logits_u_s: Tensor,
+    *,
+    threshold: float,
+    lambda_u: float,
+    targets_u: Optional[Tensor] = None,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """FixMatch from given weak-view probabilities (e.g. distribution-aligned ones).
+
+    probs_u_w: [N, C] detached, usually `common.weak_probs(logits_u_w, T)`, then `dist_align.align`.
+    The same `(loss, stats)` as fixmatch_loss, plus `threshold_per_class` ([C], all `threshold`),
+    the key every algorithm's `loss` reports.
+    """
+    total, stats = _fixmatch(logits_x, targets_x, probs_u_w, logits_u_s, threshold, lambda_u, targets_u)
+    stats["threshold_per_class"] = torch.full((probs_u_w.shape[-1],), float(threshold), device=probs_u_w.device)
+    return total, stats
+
+
+def _fixmatch(logits_x, targets_x, probs_u_w, logits_u_s, threshold, lambda_u, targets_u):
+    confidence, pseudo_labels = probs_u_w.max(dim=-1)
     mask = (confidence >= threshold).float()
-    loss_u = (F.cross_entropy(logits_u_s.float(), pseudo_labels, reduction="none") * mask).mean()
-
-    loss = loss_x + lambda_u * loss_u
-
-    mask_count = mask.sum()
-    stats = {
-        "loss": loss.detach(),
-        "loss_x": loss_x.detach(),
-        "loss_u": loss_u.detach(),
-        "mask_ratio": mask.mean(),
-        "mask_count": mask_count,
-        "num_unlabeled": torch.tensor(float(mask.numel()), device=mask.device),
-        # scatter_add_, not index_add_: torch_xla 2.9 aborts on index_add_ with the indices of max().
-        "mask_per_class": torch.zeros(logits_u_w.shape[-1], device=mask.device).scatter_add_(0, pseudo_labels, mask),
-    }
-    if targets_u is not None:
-        correct = ((pseudo_labels == targets_u).float() * mask).sum()
-        stats["pseudo_label_correct"] = correct
-        # clamp keeps it NaN-free when nothing passes the threshold (0 / 1 = 0).
-        stats["pseudo_label_acc"] = correct / mask_count.clamp(min=1.0)
-    return loss, stats
+    return consistency_loss(
+        logits_x, targets_x, logits_u_s, pseudo_labels, mask, lambda_u=lambda_u, targets_u=targets_u
+    )
