@@ -21,9 +21,7 @@ class Start(NamedTuple):
 
 
 def check_start(cfg: TrainConfig, sources: Dict[str, str]) -> Start:
-    """What can be refused before any data is read; a resumed run takes its checkpoint's settings and split.
-
-    """
+    """What can be refused before any data is read; a resumed run takes its checkpoint's settings and split."""
     notes = [strong_augment_note(cfg.strong_augment)]
     resume_path = resolve_resume(cfg)
     if cfg.resume_from_checkpoint == "auto":

@@ -165,13 +165,16 @@ class RunLog:
                         dynamic_ncols=True)
         self.window = Window(accelerator.device, num_classes)
         self.window_start, self.paused_s = time.perf_counter(), 0.0
+        # Images drawn a step over all processes.
+        self.labeled_per_step = cfg.per_device_train_batch_size * accelerator.num_processes
+        self.unlabeled_per_step = cfg.mu * self.labeled_per_step
+        self.images_per_step = self.labeled_per_step + self.unlabeled_per_step
 
     def add(self, stats: Optional[Dict[str, torch.Tensor]], rows: torch.Tensor) -> None:
         """Statistics stay on the device until a logging step."""
         self.window.add(stats, rows)
-        world, B, U = self._batch()
-        self.state.labeled_seen += B * world
-        self.state.unlabeled_seen += U * world
+        self.state.labeled_seen += self.labeled_per_step
+        self.state.unlabeled_seen += self.unlabeled_per_step
         if stats is None:
             self.state.skipped += 1
         self.bar.update(1)
@@ -203,15 +206,6 @@ class RunLog:
         self.window_start, self.paused_s = time.perf_counter(), 0.0
         if self.xla_metrics is not None:  # after the window's reset, so the row holds all of this step's graphs
             self.xla_metrics.write(step, since_step=self.start_step)
-
-    def _batch(self):
-        B = self.cfg.per_device_train_batch_size
-        return self.accelerator.num_processes, B, self.cfg.mu * B
-
-    @property
-    def images_per_step(self) -> int:
-        world, B, U = self._batch()
-        return (B + U) * world
 
     def _show(self, row: Dict) -> None:
         pl_acc = "-" if row["pseudo_label_acc"] is None else f"{row['pseudo_label_acc']:.3f}"

@@ -64,22 +64,19 @@ class BadImages:
             self.unreadable.setdefault(bad[0], bad)
 
     @property
-    def found(self) -> List[Tuple[int, str, str]]:
-        return list(self.unreadable.values())
-
-    @property
     def checked(self) -> int:
         return len(self.rows_read)
 
     def total(self, replaced: int) -> int:
-        return len(self.found) + replaced
+        return len(self.unreadable) + replaced
 
     def check_setup(self, detail: str = "") -> None:
         """Stop when too many of the images read before training were unreadable, else say once what was skipped."""
-        if self.found:
-            row, name, reason = self.found[0]
-            check_bad_images(len(self.found), self.checked, f"{name}: {reason}", self.cfg.max_bad_image_fraction)
-            self.print(f"skipped {len(self.found)} unreadable image(s) of {self.checked} read"
+        found = list(self.unreadable.values())
+        if found:
+            row, name, reason = found[0]
+            check_bad_images(len(found), self.checked, f"{name}: {reason}", self.cfg.max_bad_image_fraction)
+            self.print(f"skipped {len(found)} unreadable image(s) of {self.checked} read"
                        f"{f' ({detail})' if detail else ''}, e.g. {name}: {reason}")
 
     def check_training(self, replaced: int, row: int, read: int) -> None:
