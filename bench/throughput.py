@@ -36,6 +36,7 @@ from torchvision import transforms as T
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fixmatch_accel import augment  # noqa: E402
+from fixmatch_accel.algorithms.objective import Objective  # noqa: E402
 from fixmatch_accel.config import default_channels_last  # noqa: E402
 from fixmatch_accel.ema import ModelEMA  # noqa: E402
 from fixmatch_accel.models import create_model  # noqa: E402
@@ -167,13 +168,18 @@ def run_project(args, images, labels, device, steps, warmup, compile=None, bf16=
 
     in_graph = strong_view_in_step(device)  # as the trainer: on a CPU the strong view is made eagerly
     autocast_bf16 = bf16 and native_bf16(device)
-    kwargs = dict(mean=mean, std=std, channels_last=channels_last, threshold=0.95, temperature=1.0, lambda_u=1.0)
+    objective = Objective("fixmatch", num_classes=10, threshold=0.95, temperature=1.0, lambda_u=1.0)
+    kwargs = dict(mean=mean, std=std, channels_last=channels_last, objective=objective)
+    no_state, rows = objective.init_state(device), torch.arange(U, device=device)
 
     def core(x, y, u_w, strong, u_y):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
             if in_graph:
-                return strong_forward_loss(model, x, y, u_w, strong, u_y, strong_config=STRONG, **kwargs)
-            return forward_loss(model, x, y, u_w, strong, u_y, **kwargs)
+                loss, stats, _ = strong_forward_loss(model, no_state, x, y, u_w, strong, u_y, rows,
+                                                     strong_config=STRONG, **kwargs)
+            else:
+                loss, stats, _ = forward_loss(model, no_state, x, y, u_w, strong, u_y, rows, **kwargs)
+            return loss, stats
 
     if compile:
         core = torch.compile(core, mode=compile)

@@ -19,6 +19,7 @@ from .errors import UsageError, describe
 if TYPE_CHECKING:
     import torch
 
+OBJECTIVE_FILE = "objective.safetensors"  # in a checkpoint: the algorithm's statistics
 # Files that mark an output_dir as holding a run.
 RUN_FILES = ("metrics.jsonl", "checkpoints", "model.safetensors")
 # Everything a run (and fixmatch-plot / fixmatch-predict) leaves there: set aside by --overwrite_output_dir.
@@ -38,6 +39,7 @@ class TrainState:
         self.positions: Dict[str, List[int]] = {}
         self.layout: Dict[str, int] = {}  # processes and workers: the data order depends on them
         self.settings: Dict = {}  # the run's settings, which a resume compares with its own
+        self.objective = None  # the algorithm's state (tensors, the same on every process): objective.safetensors
 
     def to_json(self) -> Dict:
         return {"step": self.step, "skipped": self.skipped, "bad_images": self.bad_images,
@@ -84,11 +86,14 @@ def save_checkpoint(accelerator, output_dir: str, state: TrainState, ema, genera
                     total_limit: Optional[int] = None) -> str:
     """Write to a temporary folder, then rename, so a kill mid-write never leaves a half checkpoint.
 
-    Besides accelerate's files: trainer_state.json (step, data positions), ema.safetensors
-    and one generator_<rank>.safetensors per process. Nothing is pickled, so loading
-    runs no code from the checkpoint (accelerate would unpickle registered objects).
+    Besides accelerate's files: trainer_state.json (step, data positions), ema.safetensors,
+    objective.safetensors (the algorithm's statistics, when it keeps any) and one
+    generator_<rank>.safetensors per process. Nothing is pickled, so loading runs no code
+    from the checkpoint (accelerate would unpickle registered objects).
     """
     from safetensors.torch import save_file
+
+    from .algorithms.objective import state_tensors
 
     final = os.path.join(output_dir, "checkpoints", f"step_{state.step}")
     tmp = final + ".tmp"
@@ -101,6 +106,9 @@ def save_checkpoint(accelerator, output_dir: str, state: TrainState, ema, genera
         # .cpu(): safetensors reads host memory (an XLA tensor has none to point at); it copies device tensors anyway.
         save_file({k: v.cpu().contiguous() for k, v in ema.module.state_dict().items()},
                   os.path.join(tmp, "ema.safetensors"))
+        objective = state_tensors(state.objective)
+        if objective:
+            save_file({k: v.cpu().contiguous() for k, v in objective.items()}, os.path.join(tmp, OBJECTIVE_FILE))
         write_json(os.path.join(tmp, "trainer_state.json"), state.to_json())
         shutil.copy(os.path.join(output_dir, "labeled_split.json"), tmp)  # the run's labeled examples
     accelerator.wait_for_everyone()
@@ -120,7 +128,7 @@ def _read_json(file):
         return json.load(f)
 
 
-def _read_all(path: str, rank: int) -> Dict:
+def _read_all(path: str, rank: int, with_objective: bool) -> Dict:
     """Read every file of a checkpoint on its own first, so a missing, truncated or hostile one is named.
 
     accelerate reports a missing model.safetensors as a missing pytorch_model.bin, and skips
@@ -134,11 +142,11 @@ def _read_all(path: str, rank: int) -> Dict:
     readers = {"trainer_state.json": _read_json, "model.safetensors": load_file, "optimizer.bin":
                partial(weights_only_load, map_location="cpu"), "scheduler.bin": weights_only_load,
                "ema.safetensors": load_file, f"random_states_{rank}.pkl": weights_only_load,
-               f"generator_{rank}.safetensors": load_file}
+               f"generator_{rank}.safetensors": load_file, **({OBJECTIVE_FILE: load_file} if with_objective else {})}
     missing = [name for name in readers if not os.path.exists(os.path.join(path, name))]
     if missing:
         raise UsageError(f"--resume_from_checkpoint {path!r}: cannot load it (missing {', '.join(missing)})")
-    used_here = {"trainer_state.json", "ema.safetensors", f"generator_{rank}.safetensors"}
+    used_here = {"trainer_state.json", "ema.safetensors", f"generator_{rank}.safetensors", OBJECTIVE_FILE}
     loaded = {}
     for name, read in readers.items():
         try:
@@ -153,12 +161,17 @@ def _read_all(path: str, rank: int) -> Dict:
 
 def load_checkpoint(accelerator, path: str, state: TrainState, ema, generator: torch.Generator) -> None:
     """Restore a checkpoint written by save_checkpoint; any problem is one clear line."""
+    from .algorithms.objective import load_state_tensors, state_tensors
+
     rank = accelerator.process_index
-    loaded = _read_all(path, rank)
+    with_objective = bool(state_tensors(state.objective))
+    loaded = _read_all(path, rank, with_objective)
     try:
         accelerator.load_state(path)  # model, optimizer, scheduler, RNGs: weights_only / safetensors
         ema.module.load_state_dict(loaded["ema.safetensors"])
         generator.set_state(loaded[f"generator_{rank}.safetensors"]["state"])
+        if with_objective:
+            state.objective = load_state_tensors(state.objective, loaded[OBJECTIVE_FILE])
         saved_layout = state.load_json(loaded["trainer_state.json"])
     except Exception as e:  # another model, a malformed state: the user must know, never a silent restart
         raise UsageError(f"--resume_from_checkpoint {path!r}: cannot load it ({describe(e)})") from None
@@ -275,10 +288,12 @@ class Checkpointer:
 
 # What a resumed run does with a setting given now that differs from its checkpoint's run. A setting not given
 # now (a default, or the demo's) is the checkpoint's, silently.
-# Refused: the model and data it trained on, and the batch shape its data positions count in.
-FIXED_ON_RESUME = ("model", "dataset_name", "dataset_config_name", "train_dir", "validation_dir", "train_split",
-                   "train_val_split", "image_column_name", "label_column_name", "max_train_samples", "image_size",
-                   "streaming", "unlabeled_excludes_labeled", "per_device_train_batch_size", "mu")
+# Refused: the algorithm and alignment whose state it holds, the model and data it trained on, and the batch shape
+# its data positions count in.
+FIXED_ON_RESUME = ("algorithm", "dist_align", "model", "dataset_name", "dataset_config_name", "train_dir",
+                   "validation_dir", "train_split", "train_val_split", "image_column_name", "label_column_name",
+                   "max_train_samples", "image_size", "streaming", "unlabeled_excludes_labeled",
+                   "per_device_train_batch_size", "mu")
 # Kept from the checkpoint, with a note: its optimizer and schedule state hold these, and the seed drew its
 # statistics sample, data order and augmentation streams.
 KEPT_ON_RESUME = {"learning_rate": "the optimizer and schedule state", "momentum": "the optimizer state",

@@ -20,6 +20,9 @@ import yaml
 
 from .errors import UsageError
 
+# The unlabeled objectives (fixmatch_accel/algorithms/objective.py).
+ALGORITHMS = ("fixmatch", "flexmatch", "freematch", "softmatch")
+
 
 def _f(default, help: str, **kw):
     return field(default=default, metadata=dict(help=help, **kw))
@@ -55,9 +58,15 @@ class TrainConfig:
     per_device_train_batch_size: int = _f(64, "Labeled images per process per step (B); unlabeled = mu * B.")
     per_device_eval_batch_size: int = _f(256, "Images per process per evaluation batch.")
     mu: int = _f(7, "Ratio of unlabeled to labeled images in a batch.")
-    threshold: float = _f(0.95, "Confidence a weak-view prediction needs to become a pseudo-label.")
+    threshold: float = _f(0.95, "Confidence a weak-view prediction needs to become a pseudo-label (fixmatch; flexmatch's tau, the highest of its per-class thresholds).")
     lambda_u: float = _f(1.0, "Weight of the unlabeled loss; 0 trains on the labels alone.")
     temperature: float = _f(1.0, "Softmax temperature for the pseudo-label distribution.")
+    algorithm: str = _f("fixmatch", "The unlabeled objective: fixmatch (fixed --threshold), flexmatch (per-class thresholds from each class's learning effect), freematch (self-adaptive thresholds + fairness loss) or softmatch (truncated-Gaussian sample weights); their statistics are reduced over all processes every step.", choices=ALGORITHMS)
+    dist_align: Optional[str] = _f(None, "Distribution alignment of the weak-view probabilities (ReMixMatch): p * p_target / p_model, p_model an EMA of their mean; target 'uniform' or 'labeled' (the labeled split's class frequencies); default: uniform for softmatch (its uniform alignment, used for the weights), else none.", choices=("none", "uniform", "labeled"))
+    stats_momentum: float = _f(0.999, "EMA momentum of the class statistics kept by freematch, softmatch and distribution alignment.")
+    flexmatch_warmup: bool = _f(True, "flexmatch: threshold warm-up (examples not yet pseudo-labeled count in the learning effect's denominator).")
+    freematch_fairness: float = _f(0.001, "freematch: weight of the self-adaptive fairness loss (USB's CIFAR setting).")
+    softmatch_n_sigma: float = _f(2.0, "softmatch: standard deviations of the weight's Gaussian tail.")
     strong_augment: str = _f("rand-m9-mstd0.5", "Strong augmentation: a timm RandAugment string, or 'paper' (RA with random magnitude + 16px Cutout).")
     augment_device: Optional[str] = _f(None, "Where augmentation runs: 'cpu' (PIL/timm in DataLoader workers) or 'accelerator' (batched tensors on the training device). Default: accelerator when a GPU/TPU is used, else cpu.", choices=("cpu", "accelerator"))
     cache_decoded: Optional[bool] = _f(None, "Decode the train and eval splits once into uint8 tensors in memory (accelerator augmentation only); default: on when the train split takes under 4 GiB decoded.")
@@ -91,6 +100,10 @@ class TrainConfig:
     # Presets and config files (recorded so config.json says how the run was set up)
     preset: Optional[str] = _f(None, "A paper setting from fixmatch_accel/presets.yaml (cifar10-40, cifar100-400, svhn-250, stl10-1000, ...); 'list' prints them. A --config file and flags override it.")
     config: Optional[str] = _f(None, "YAML file of settings, one `field_name: value` per line (keys as in --help without the dashes); flags override it.")
+
+    def __post_init__(self):
+        if self.dist_align is None:  # the algorithm's own default, recorded as the value
+            self.dist_align = "uniform" if self.algorithm == "softmatch" else "none"
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -359,6 +372,12 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("--cache_decoded cannot be used with --streaming (a stream is never held whole)")
     if not 0.0 < cfg.train_val_split < 1.0:
         raise UsageError(f"--train_val_split must be in (0, 1), got {cfg.train_val_split}")
+    if not 0.0 <= cfg.stats_momentum < 1.0:
+        raise UsageError(f"--stats_momentum must be in [0, 1), got {cfg.stats_momentum}")
+    if cfg.freematch_fairness < 0:
+        raise UsageError(f"--freematch_fairness must be non-negative, got {cfg.freematch_fairness}")
+    if cfg.softmatch_n_sigma <= 0:
+        raise UsageError(f"--softmatch_n_sigma must be positive, got {cfg.softmatch_n_sigma}")
     if cfg.image_size is not None and cfg.image_size < 4:
         raise UsageError(f"--image_size must be at least 4, got {cfg.image_size}")
 

@@ -77,3 +77,21 @@ def from_main_process(accelerator, module: torch.nn.Module) -> None:
     for mine, main in zip(tensors, broadcast(tensors, from_process=0)):
         if main is not mine:  # XLA's broadcast returns new tensors
             mine.copy_(main)
+
+
+def step_collectives(accelerator):
+    """`(all_sum, all_gather)` for statistics reduced inside the training step, or None on one process.
+
+    torch.distributed's functional collectives: they trace into a torch.compile graph (no graph break) and
+    are the same numbers eager. XLA's lazy tensors take accelerate's reduce / gather, which trace into the
+    step's graph there.
+    """
+    if accelerator.num_processes == 1:
+        return None
+    if is_xla(accelerator.device):
+        return (lambda t: accelerator.reduce(t, reduction="sum")), accelerator.gather
+    import torch.distributed as dist
+    from torch.distributed import _functional_collectives as funcol
+
+    group = dist.group.WORLD
+    return (lambda t: funcol.all_reduce(t, "sum", group)), (lambda t: funcol.all_gather_tensor(t, 0, group))

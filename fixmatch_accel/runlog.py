@@ -104,15 +104,21 @@ class MetricsLog:
 
 
 class Window:
-    """A logging window's running sums, on the device: every step adds, so every step is the same graph."""
+    """A logging window's running sums, on the device: every step adds, so every step is the same graph.
 
-    def __init__(self, device: torch.device, num_classes: int):
+    averaged: the algorithm's stats (name -> shape) that a row reports as their mean over steps and
+    processes (per-class thresholds, SoftMatch's mean weight), not as a sum.
+    """
+
+    def __init__(self, device: torch.device, num_classes: int, averaged: Optional[Dict[str, tuple]] = None):
         self.device, self.num_classes = device, num_classes
+        self.averaged = dict(averaged or {})
         self.reset()
 
     def reset(self) -> None:
         self.steps = 0
         self.sums = {k: torch.zeros((), device=self.device) for k in SUMMED}
+        self.sums.update({k: torch.zeros(shape, device=self.device) for k, shape in self.averaged.items()})
         self.sums.update(mask_per_class=torch.zeros(self.num_classes, device=self.device),
                          bad_images=torch.zeros((), dtype=torch.long, device=self.device),
                          bad_row=torch.full((), -1, dtype=torch.long, device=self.device))  # below any bad row
@@ -125,23 +131,30 @@ class Window:
         s["bad_images"] = s["bad_images"] + unreadable_mask(rows).sum()
         s["bad_row"] = torch.maximum(s["bad_row"], unreadable_source_row(rows).max())
         if stats is not None:
-            for k in (*SUMMED, "mask_per_class"):
+            for k in (*SUMMED, "mask_per_class", *self.averaged):
                 s[k] = s[k] + stats[k]
             self.steps += 1
 
     def summarise(self, accelerator) -> Dict:
         """All-reduce the sums and turn them into one log row (the host sync of a logging step)."""
         s = self.sums
-        flat = torch.cat([torch.stack([s[k] for k in (*SUMMED, "bad_images")]), s["mask_per_class"]])
+        flat = torch.cat([torch.stack([s[k] for k in (*SUMMED, "bad_images")]), s["mask_per_class"],
+                          *(s[k].reshape(-1) for k in self.averaged)])
         flat = accelerator.reduce(flat, reduction="sum").tolist()
         loss, loss_x, loss_u, masked, unlabeled, correct, bad = flat[: len(SUMMED) + 1]
         n = self.steps * accelerator.num_processes
+        means, start = {}, len(SUMMED) + 1 + self.num_classes
+        for k, shape in self.averaged.items():
+            size = math.prod(shape)
+            values = [v / n for v in flat[start:start + size]]
+            means[k], start = (values if shape else values[0]), start + size
         return dict(
             loss=loss / n, loss_x=loss_x / n, loss_u=loss_u / n,
             mask_ratio=masked / max(unlabeled, 1.0),
             pseudo_label_acc=correct / masked if masked else None,  # no confident image in the window: no accuracy
-            mask_per_class=[int(c) for c in flat[len(SUMMED) + 1:]],
+            mask_per_class=[int(c) for c in flat[len(SUMMED) + 1: len(SUMMED) + 1 + self.num_classes]],
             bad_images=int(bad),
+            **means,
         )
 
 
@@ -151,7 +164,8 @@ class RunLog:
     Training throughput leaves out the time spent in `paused()` (evaluations, checkpoints).
     """
 
-    def __init__(self, accelerator, cfg, state, *, num_classes: int, resumed: bool, bad_images, nonfinite):
+    def __init__(self, accelerator, cfg, state, *, num_classes: int, resumed: bool, bad_images, nonfinite,
+                 averaged: Optional[Dict[str, tuple]] = None):
         self.accelerator, self.cfg, self.state = accelerator, cfg, state
         self.bad_images, self.nonfinite = bad_images, nonfinite
         self.show_bar = accelerator.is_main_process and sys.stderr.isatty()  # plain lines in logs
@@ -163,7 +177,7 @@ class RunLog:
         self.start_step = state.step
         self.bar = tqdm(total=cfg.max_train_steps, initial=state.step, desc="fixmatch", disable=not self.show_bar,
                         dynamic_ncols=True)
-        self.window = Window(accelerator.device, num_classes)
+        self.window = Window(accelerator.device, num_classes, averaged)
         self.window_start, self.paused_s = time.perf_counter(), 0.0
         # Images drawn a step over all processes.
         self.labeled_per_step = cfg.per_device_train_batch_size * accelerator.num_processes

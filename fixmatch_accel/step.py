@@ -10,7 +10,9 @@ from typing import NamedTuple
 import torch
 
 from . import augment
-from .algorithms.fixmatch import fixmatch_loss
+from .algorithms import dist_align
+from .algorithms.objective import Objective
+from .data.rows import valid_mask
 
 
 class Views(NamedTuple):
@@ -39,22 +41,22 @@ def model_inputs(images, mean, std, channels_last: bool):
     return inputs.contiguous(memory_format=torch.channels_last) if channels_last else inputs
 
 
-def forward_loss(model, x, y, u_w, u_s, u_y, *, mean, std, channels_last: bool, threshold: float,
-                 temperature: float, lambda_u: float):
-    """One forward over cat([x, u_w, u_s]) (uint8 views) and the FixMatch loss: `(loss, stats)`.
+def forward_loss(model, objective_state, x, y, u_w, u_s, u_y, rows, *, objective, mean, std, channels_last: bool):
+    """One forward over cat([x, u_w, u_s]) (uint8 views) and the objective: `(loss, stats, new objective state)`.
 
-    BatchNorm sees all three views at once, as in the paper. Free of host syncs and
-    of data-dependent shapes, so it compiles to one graph.
+    BatchNorm sees all three views at once, as in the paper. The objective reduces its statistics
+    over processes itself. Free of host syncs and of data-dependent shapes, so it compiles to one graph.
     """
     # A prepared model runs under the run's autocast.
     logits = model(model_inputs(torch.cat([x, u_w, u_s]), mean, std, channels_last))
     b = x.shape[0]
     logits_u_w, logits_u_s = logits[b:].chunk(2)
-    return fixmatch_loss(logits[:b], y, logits_u_w, logits_u_s, threshold=threshold, temperature=temperature,
-                         lambda_u=lambda_u, targets_u=u_y)
+    # A replaced unreadable image has a negative row: it is trained on as a black filler but never indexes state.
+    return objective(objective_state, logits[:b], y, logits_u_w, logits_u_s, rows.clamp(min=0), valid_mask(rows),
+                     u_y)
 
 
-def strong_forward_loss(model, x, y, u_w, strong, u_y, *, strong_config: str, **kwargs):
+def strong_forward_loss(model, objective_state, x, y, u_w, strong, u_y, rows, *, strong_config: str, **kwargs):
     """forward_loss with the strong view made on the device from `strong` = (flipped and cropped
     unlabeled batch, pre-drawn RandAugment parameters), as `unlabeled_batch_views(in_graph=True)` returns.
 
@@ -63,7 +65,7 @@ def strong_forward_loss(model, x, y, u_w, strong, u_y, *, strong_config: str, **
     """
     base, params = strong
     u_s = augment.apply_rand_augment(base, params, strong_config)
-    return forward_loss(model, x, y, u_w, u_s, u_y, **kwargs)
+    return forward_loss(model, objective_state, x, y, u_w, u_s, u_y, rows, **kwargs)
 
 
 def unlabeled_batch_views(u, strong_config: str, *, in_graph: bool, generator=None, hflip: bool = True,
@@ -84,20 +86,34 @@ def unlabeled_batch_views(u, strong_config: str, *, in_graph: bool, generator=No
     return u_w, augment.apply_rand_augment(base, params, strong_config)
 
 
+def build_objective(cfg, num_classes: int, labeled_labels, *, num_slots: int, num_unlabeled: int, collectives=None):
+    """The run's Objective from its settings. labeled_labels: class ids of the labeled split (the 'labeled'
+    alignment target); num_slots / num_unlabeled: rows unlabeled samples index / how many are unlabeled examples;
+    collectives: launch.step_collectives' (all_sum, all_gather), None on one process."""
+    all_sum, all_gather = collectives or (None, None)
+    target = (dist_align.label_frequencies(torch.as_tensor(labeled_labels, dtype=torch.long), num_classes)
+              if cfg.dist_align == "labeled" else None)
+    return Objective(cfg.algorithm, num_classes=num_classes, threshold=cfg.threshold, temperature=cfg.temperature,
+                     lambda_u=cfg.lambda_u, dist_align=cfg.dist_align, dist_target=target,
+                     momentum=cfg.stats_momentum, num_slots=num_slots, num_unlabeled=num_unlabeled,
+                     flexmatch_warmup=cfg.flexmatch_warmup, freematch_fairness=cfg.freematch_fairness,
+                     softmatch_n_sigma=cfg.softmatch_n_sigma, all_sum=all_sum, all_gather=all_gather)
+
+
 class TrainStep:
-    """`views(labeled batch, unlabeled batch)` and `loss(views) -> (loss, stats)` for one device.
+    """`views(labeled batch, unlabeled batch)` and `loss(views, objective state) -> (loss, stats, new state)`
+    for one device.
 
     With --augment_device cpu the loaders' workers made the views; otherwise they are made
     here from uint8 batches with `generator`, the strong one inside `loss` off the CPU.
     """
 
-    def __init__(self, cfg, model, *, mean, std, channels_last: bool, augment_device: str, pad: int,
+    def __init__(self, cfg, model, objective, *, mean, std, channels_last: bool, augment_device: str, pad: int,
                  generator: torch.Generator, device: torch.device):
         self.strong_config, self.hflip, self.pad, self.generator = cfg.strong_augment, cfg.hflip, pad, generator
         self.in_workers = augment_device == "cpu"
         self.in_graph = not self.in_workers and strong_view_in_step(device)
-        loss_kwargs = dict(mean=mean, std=std, channels_last=channels_last, threshold=cfg.threshold,
-                           temperature=cfg.temperature, lambda_u=cfg.lambda_u)
+        loss_kwargs = dict(objective=objective, mean=mean, std=std, channels_last=channels_last)
         core = (partial(strong_forward_loss, model, strong_config=cfg.strong_augment, **loss_kwargs)
                 if self.in_graph else partial(forward_loss, model, **loss_kwargs))
         self._core = compiled(core, cfg.compile_mode) if cfg.compile else core
@@ -112,8 +128,8 @@ class TrainStep:
                                          hflip=self.hflip, pad=self.pad)
         return Views(x, y, u_w, u_s, u_y, rows)
 
-    def loss(self, views: Views):
-        return self._core(views.x, views.y, views.u_w, views.u_s, views.u_y)
+    def loss(self, views: Views, objective_state):
+        return self._core(objective_state, views.x, views.y, views.u_w, views.u_s, views.u_y, views.rows)
 
 
 def compiled(core, mode: str):
@@ -124,5 +140,7 @@ def compiled(core, mode: str):
 
     def core_step(*args):
         torch.compiler.cudagraph_mark_step_begin()  # a new step: earlier graph outputs may be reused
-        return graph(*args)
+        loss, stats, objective_state = graph(*args)
+        # The state lives on into the next step, whose replay overwrites this one's outputs.
+        return loss, stats, torch.utils._pytree.tree_map(torch.clone, objective_state)
     return core_step

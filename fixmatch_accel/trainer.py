@@ -30,12 +30,12 @@ from .data.streaming import StreamLoader
 from .ema import ModelEMA
 from .errors import UsageError
 from .evaluate import Evaluator
-from .launch import make_accelerator
+from .launch import make_accelerator, step_collectives
 from .models import create_model
 from .optim import build_optimizer, schedule_at
 from .preflight import Start, check_start
 from .runlog import RunLog, trackers, write_run_config
-from .step import TrainStep, model_inputs
+from .step import TrainStep, build_objective, model_inputs
 from .stop import StopSignal, all_finite, finite_weights, nonfinite
 from .xla import give_loader_dataset, is_xla, load_models_on_host
 
@@ -112,8 +112,9 @@ def loop(run: Run, stop: StopSignal) -> None:
     while state.step < cfg.max_train_steps:
         # Batch: B labeled and mu*B unlabeled uint8 images, and their weak and strong views.
         views = run.step.views(next(run.labeled), next(run.unlabeled))
-        # Forward and loss: one pass over cat([x, u_w, u_s]), so BatchNorm sees the whole batch.
-        loss, stats = run.step.loss(views)
+        # Forward and loss: one pass over cat([x, u_w, u_s]), so BatchNorm sees the whole batch; the algorithm's
+        # statistics are reduced over all processes inside it.
+        loss, stats, objective_state = run.step.loss(views, state.objective)
         # Only with --skip_nonfinite_steps: a host sync (and, with several processes, a collective) every step.
         finite = not cfg.skip_nonfinite_steps or all_finite(accelerator, loss)
         # Backward, optimizer step, schedule, EMA. A skipped step still advances the schedule.
@@ -125,6 +126,7 @@ def loop(run: Run, stop: StopSignal) -> None:
         run.optimizer.zero_grad(set_to_none=True)
         if finite:
             run.ema.update(run.live_model, state.step)
+            state.objective = objective_state
         # Statistics stay on the device until a logging step.
         run.log.add(stats if finite else None, views.rows)
         state.step += 1
@@ -203,14 +205,16 @@ def setup_run(start: Start) -> Run:
     device = accelerator.device
     generator = torch.Generator(device="cpu" if device.type == "xla" else device).manual_seed(
         cfg.seed * 1_000_003 + accelerator.process_index)
+    mean = torch.tensor(rd.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(rd.std, device=device).view(1, -1, 1, 1)
+    objective = setup_objective(cfg, rd, accelerator)
+    state.objective = objective.init_state(device)
     if resume_path is not None:
         load_checkpoint(accelerator, resume_path, state, ema, generator)
         schedule_at(scheduler, state.step)
         accelerator.print(f"resumed from {resume_path} at step {state.step}"
                           + (", labeled split from the checkpoint" if split_from_checkpoint else ""))
-    mean = torch.tensor(rd.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(rd.std, device=device).view(1, -1, 1, 1)
-    step = TrainStep(cfg, model, mean=mean, std=std, channels_last=rd.resolved.channels_last,
+    step = TrainStep(cfg, model, objective, mean=mean, std=std, channels_last=rd.resolved.channels_last,
                      augment_device=rd.resolved.augment_device, pad=rd.resolved.crop_padding, generator=generator,
                      device=device)
     if accelerator.is_main_process:
@@ -218,7 +222,8 @@ def setup_run(start: Start) -> Run:
     if cfg.report_to != "none":
         accelerator.init_trackers("fixmatch", config={k: v for k, v in cfg.to_dict().items() if v is not None})
     checkpointer = Checkpointer(accelerator, cfg, state, ema, generator)
-    log = RunLog(accelerator, cfg, state, num_classes=rd.data.num_classes, resumed=resume_path is not None,
+    log = RunLog(accelerator, cfg, state, num_classes=rd.data.num_classes, averaged=objective.averaged_stats,
+                 resumed=resume_path is not None,
                  bad_images=rd.bad_images,
                  nonfinite=lambda step, since: nonfinite(step, since, checkpointer.latest(),
                                                          accelerator.mixed_precision))  # an error to raise
@@ -282,6 +287,14 @@ def setup_data(cfg: TrainConfig, sources: Dict[str, str], accelerator, split_che
     loaders = build_loaders(cfg, data, labeled_idx, labeled_rows, resolved.image_size, resolved.crop_padding,
                             resolved.augment_device, accelerator, cache=cache)
     return RunData(data, labeled_idx, resolved, mean, std, bad_images, len(bad_eval), loaders)
+
+
+def setup_objective(cfg: TrainConfig, rd: RunData, accelerator):
+    """The algorithm of --algorithm / --dist_align; its per-example state is indexed by train rows."""
+    data = rd.data
+    excluded = len(rd.labeled_idx) if cfg.unlabeled_excludes_labeled else 0
+    return build_objective(cfg, data.num_classes, data.train_labels[rd.labeled_idx], num_slots=data.num_train,
+                           num_unlabeled=data.num_train - excluded, collectives=step_collectives(accelerator))
 
 
 def setup_model(cfg: TrainConfig, accelerator, rd: RunData):

@@ -5,11 +5,14 @@ import pytest
 import torch
 
 from fixmatch_accel import augment
+from fixmatch_accel.algorithms.objective import Objective
 from fixmatch_accel.models import create_model
 from fixmatch_accel.step import forward_loss, strong_forward_loss
 
+FIXMATCH = Objective("fixmatch", num_classes=10, threshold=0.5, temperature=1.0, lambda_u=1.0)
 KW = dict(mean=torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1), std=torch.tensor([0.2, 0.2, 0.25]).view(1, 3, 1, 1),
-          channels_last=False, threshold=0.5, temperature=1.0, lambda_u=1.0)
+          channels_last=False, objective=FIXMATCH)
+STATE = FIXMATCH.init_state()
 
 
 def batch(seed=0, b=4, mu=2, size=16):
@@ -32,8 +35,11 @@ def test_augment_forward_loss_compiles_fullgraph(config):
     base = augment.weak_batch(u_w, pad=2, generator=g)  # stands in for the strong view's own flip + crop
     strong = (base, augment.sample_rand_augment_params(u_w.shape[0], config, generator=g, image_size=(16, 16)))
 
+    rows = torch.arange(u_y.shape[0])
+
     def step(x, y, u_w, strong, u_y):
-        return strong_forward_loss(model, x, y, u_w, strong, u_y, strong_config=config, **KW)
+        loss, stats, _ = strong_forward_loss(model, STATE, x, y, u_w, strong, u_y, rows, strong_config=config, **KW)
+        return loss, stats
 
     # A BatchNorm step in train mode changes running stats: compare eager and compiled from the same state.
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -57,7 +63,8 @@ def test_forward_loss_channels_last_matches():
     torch.manual_seed(0)
     model = create_model("small_cnn", 10).eval()
     x, y, u_w, u_y, _ = batch(seed=1)
-    loss, _ = forward_loss(model, x, y, u_w, u_w.flip(-1), u_y, **KW)
+    rows = torch.arange(u_y.shape[0])
+    loss, _, _ = forward_loss(model, STATE, x, y, u_w, u_w.flip(-1), u_y, rows, **KW)
     model = model.to(memory_format=torch.channels_last)
-    loss_cl, _ = forward_loss(model, x, y, u_w, u_w.flip(-1), u_y, **dict(KW, channels_last=True))
+    loss_cl, _, _ = forward_loss(model, STATE, x, y, u_w, u_w.flip(-1), u_y, rows, **dict(KW, channels_last=True))
     assert torch.allclose(loss, loss_cl, atol=1e-5)

@@ -22,13 +22,18 @@ from .common import consistency_loss
 
 
 class FlexMatchState(NamedTuple):
-    selected_label: Tensor  # [N_unlabeled] int64: latest confident pseudo-label, -1 = none yet
+    selected_label: Tensor  # [slots] int64: latest confident pseudo-label of each example, -1 = none yet
+    # 0-d int64: how many slots are unlabeled examples, when not all are (labeled rows left out of the
+    # unlabeled data keep -1 forever and must not count as unused); None: every slot is one.
+    num_unlabeled: Optional[Tensor] = None
 
     @classmethod
-    def init(cls, num_classes: int, num_unlabeled: int, device=None) -> "FlexMatchState":
+    def init(cls, num_classes: int, num_slots: int, device=None, num_unlabeled: Optional[int] = None
+             ) -> "FlexMatchState":
         """All examples unused (-1). num_classes is taken for a signature shared with the other states."""
         del num_classes
-        return cls(torch.full((num_unlabeled,), -1, dtype=torch.long, device=device))
+        count = None if num_unlabeled is None else torch.tensor(num_unlabeled, dtype=torch.long, device=device)
+        return cls(torch.full((num_slots,), -1, dtype=torch.long, device=device), count)
 
 
 def learning_effect(state: FlexMatchState, num_classes: int, *, warmup: bool = True) -> Tensor:
@@ -38,9 +43,10 @@ def learning_effect(state: FlexMatchState, num_classes: int, *, warmup: bool = T
     counts = torch.zeros(num_classes + 1, dtype=torch.long, device=label.device)
     counts = counts.scatter_add_(0, label + 1, torch.ones_like(label))
     sigma = counts[1:]
+    unused = counts[0] if state.num_unlabeled is None else state.num_unlabeled - sigma.sum()
     denominator = sigma.max()
     if warmup:
-        denominator = torch.maximum(denominator, counts[0])
+        denominator = torch.maximum(denominator, unused)
     # All unused without warm-up: 0 / 0; clamp gives beta = 0, the initial value USB keeps then.
     return sigma.float() / denominator.clamp(min=1).float()
 
@@ -72,7 +78,7 @@ def update_state(state: FlexMatchState, gathered: Dict[str, Tensor]) -> FlexMatc
     keyed = torch.where(confident > 0, position, -1)
     last = torch.full_like(state.selected_label, -1).scatter_reduce(0, index, keyed, reduce="amax")
     new_label = label[last.clamp(min=0)]
-    return FlexMatchState(torch.where(last >= 0, new_label, state.selected_label))
+    return FlexMatchState(torch.where(last >= 0, new_label, state.selected_label), state.num_unlabeled)
 
 
 def loss(
