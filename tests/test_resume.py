@@ -350,3 +350,27 @@ def test_sigterm_to_a_two_process_launch_checkpoints_through_torchrun(tmp_path):
                                 "--resume_from_checkpoint", "latest"], launcher=ACCELERATE, timeout=300)
     check_ok(result)
     assert max(losses(out)) == stopped_at + 2
+
+
+@pytest.mark.parametrize("algorithm, extra", [("flexmatch", ["--threshold", "0.3", "--dist_align", "labeled"]),
+                                              ("freematch", ["--stats_momentum", "0.5"]),
+                                              ("softmatch", ["--stats_momentum", "0.5"])])
+def test_resume_is_exact_for_every_algorithm(tmp_path, algorithm, extra):
+    """Resumed at step 4 of 8: the algorithm's state comes back from objective.safetensors, so every later
+    step's loss and the final weights are the uninterrupted run's; another --algorithm is refused."""
+    args = QUICK + ["--max_train_steps", 8, "--checkpointing_steps", 4, "--algorithm", algorithm, *extra]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    check_ok(run_train(args + ["--output_dir", straight]))
+    checkpoint = straight / "checkpoints" / "step_4"
+    assert (checkpoint / "objective.safetensors").is_file()
+    check_ok(run_train(args + ["--output_dir", resumed, "--resume_from_checkpoint", checkpoint]))
+    after = {step: loss for step, loss in losses(resumed).items() if step > 4}
+    assert sorted(after) == [5, 6, 7, 8]
+    assert after == pytest.approx({s: losses(straight)[s] for s in after}, rel=1e-6, abs=1e-7)
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    refused = run_train(args + ["--output_dir", tmp_path / "other", "--resume_from_checkpoint", checkpoint,
+                                "--algorithm", "fixmatch"])
+    assert refused.returncode != 0
+    assert f"cannot load it with --algorithm 'fixmatch': its run was trained with --algorithm '{algorithm}'" \
+        in refused.stderr

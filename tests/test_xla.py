@@ -139,3 +139,22 @@ def test_compile_flag_is_one_clear_line_on_xla(tmp_path):
     result = run_train(TINY_DIGITS + ["--compile", "--output_dir", tmp_path / "c"], env=XLA)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("fixmatch-train: error: --compile (torch.compile) is not")
+
+
+@pytest.mark.parametrize("algorithm", [["--algorithm", "flexmatch", "--dist_align", "labeled"],
+                                       ["--algorithm", "freematch"], ["--algorithm", "softmatch"]])
+def test_every_algorithm_compiles_once_and_agrees_with_eager(tmp_path, algorithm):
+    """The algorithms' statistics (FlexMatch's scatter_reduce(amax) included) lower to XLA: after the warm-up
+    no step compiles anything, nothing falls back to the CPU, and the first steps log eager's numbers."""
+    args = TINY_DIGITS + ["--augment_device", "accelerator", "--max_train_steps", 12, "--logging_steps", LOG,
+                          "--eval_steps", 0, "--checkpointing_steps", 0, "--threshold", 0.5, *algorithm]
+    runs = {name: tmp_path / name for name in ("xla", "eager")}
+    for name, env in (("xla", XLA), ("eager", EAGER)):
+        check_ok(run_train(args + ["--output_dir", runs[name]], env=env))
+    rows, end = rows_by_step(runs["xla"])
+    assert rows[6]["compiles"] == rows[9]["compiles"] == rows[12]["compiles"], [r["compiles"] for r in rows.values()]
+    assert set(end[0]["fallbacks"]) <= {"aten::_local_scalar_dense"}
+    first = [json.loads((runs[n] / "metrics.jsonl").read_text().splitlines()[0]) for n in ("xla", "eager")]
+    for key in ("loss", "loss_x", "loss_u", "mask_ratio"):
+        assert first[0][key] == pytest.approx(first[1][key], abs=1e-4), key
+    assert first[0]["threshold_per_class"] == pytest.approx(first[1]["threshold_per_class"], abs=1e-4)
