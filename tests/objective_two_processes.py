@@ -29,7 +29,8 @@ def batches():
             logits_x=torch.randn(2 * B, C, generator=g), targets_x=torch.randint(0, C, (2 * B,), generator=g),
             # scaled so that some samples pass 0.95 and FlexMatch's per-example state fills up
             logits_u_w=4 * torch.randn(2 * N, C, generator=g), logits_u_s=torch.randn(2 * N, C, generator=g),
-            indices=torch.randint(0, SLOTS, (2 * N,), generator=g), targets_u=torch.randint(0, C, (2 * N,), generator=g),
+            indices=torch.randint(0, SLOTS, (2 * N,), generator=g),
+            targets_u=torch.randint(0, C, (2 * N,), generator=g),
         ))
     return out
 

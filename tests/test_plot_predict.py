@@ -25,9 +25,22 @@ def script(name: str) -> str:
     return str(path)
 
 
+def fabricated_thresholds(algorithm: str, step: int, num_classes: int) -> dict:
+    """The keys an --algorithm adds to a training row: thresholds (per class or one for all) and its extra stat."""
+    if algorithm == "fixmatch":
+        return dict(threshold_per_class=[0.95] * num_classes)
+    if algorithm == "softmatch":  # one running mean max-probability for all classes
+        return dict(threshold_per_class=[0.3 + step / 400] * num_classes, mean_weight=0.6 + step / 1000)
+    per_class = [round(0.95 * min(1.0, step / 200 * (c + 1) / num_classes), 4) for c in range(num_classes)]
+    return dict(threshold_per_class=per_class, **(dict(loss_f=0.1 / step ** 0.5) if algorithm == "freematch" else {}))
+
+
 def fabricate_run(root: Path, steps=range(10, 201, 10), num_classes=4, eval_every=50, starved=None,
-                  config=True, results=True) -> Path:
-    """A run folder written by hand: metrics.jsonl rows as the trainer writes them, config.json, eval_results.json."""
+                  config=True, results=True, algorithm=None) -> Path:
+    """A run folder written by hand: metrics.jsonl rows as the trainer writes them, config.json, eval_results.json.
+
+    algorithm: None for a run from before --algorithm (no thresholds logged, none in config.json's settings).
+    """
     root.mkdir(parents=True, exist_ok=True)
     names = [f"class_{i}" for i in range(num_classes)]
     rows = []
@@ -37,7 +50,8 @@ def fabricate_run(root: Path, steps=range(10, 201, 10), num_classes=4, eval_ever
             mask[starved] = 0
         rows.append(dict(step=s, lr=0.03 * math.cos(7 * math.pi * s / (16 * 200)), images_per_s=900.0 + s,
                          loss=2.0 / s ** 0.3, loss_x=1.2 / s ** 0.3, loss_u=0.8 / s ** 0.3,
-                         mask_ratio=min(1.0, s / 150), pseudo_label_acc=0.5 + s / 500, mask_per_class=mask))
+                         mask_ratio=min(1.0, s / 150), pseudo_label_acc=0.5 + s / 500, mask_per_class=mask,
+                         **(fabricated_thresholds(algorithm, s, num_classes) if algorithm else {})))
         if s % eval_every == 0:
             rows.append(dict(step=s, top1=40 + s / 5, top5=80 + s / 20,
                              per_class=[50.0 + i for i in range(num_classes)]))
@@ -45,7 +59,8 @@ def fabricate_run(root: Path, steps=range(10, 201, 10), num_classes=4, eval_ever
     if config:
         (root / "config.json").write_text(json.dumps(dict(
             architecture="small_cnn", num_classes=num_classes, label_names=names,
-            settings=dict(threshold=0.95), resolved=dict(num_labeled=4 * num_classes))))
+            settings=dict(threshold=0.95, **(dict(algorithm=algorithm) if algorithm else {})),
+            resolved=dict(num_labeled=4 * num_classes))))
     if results and any("top1" in r for r in rows):
         last = [r for r in rows if "top1" in r][-1]
         (root / "eval_results.json").write_text(json.dumps(dict(
@@ -125,6 +140,84 @@ def test_plots_of_partial_runs(tmp_path, kind):
     curves, per_class = map(Path, write_plots(str(run)))
     check_png(curves, min_size=(1400, 800))
     check_png(per_class)
+
+
+def drawn_figures(monkeypatch, run: Path) -> dict:
+    """write_plots(run)'s figures by file name, kept as they are saved."""
+    import fixmatch_accel.plot as plot
+
+    figures, save = {}, plot._save
+
+    def keep(fig, path):
+        figures[Path(path).name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(plot, "_save", keep)
+    write_plots(str(run))
+    return figures
+
+
+def panel(fig, title: str):
+    """The one axes of `fig` whose title starts with `title`, or None."""
+    found = [ax for ax in fig.axes if ax.get_title().startswith(title)]
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
+@pytest.mark.parametrize("algorithm, num_classes", [("flexmatch", 4), ("softmatch", 4), ("freematch", 30),
+                                                    ("flexmatch", 120)])
+def test_plots_show_the_thresholds_per_class(tmp_path, monkeypatch, algorithm, num_classes):
+    run = fabricate_run(tmp_path / "run", num_classes=num_classes, algorithm=algorithm, starved=1)
+    logged = np.array([json.loads(line)["threshold_per_class"] for line in (run / "metrics.jsonl").read_text()
+                       .splitlines() if "threshold_per_class" in line])
+    figures = drawn_figures(monkeypatch, run)
+    curves, per_class = figures["training_curves.png"], figures["per_class.png"]
+    name = dict(flexmatch="FlexMatch", softmatch="SoftMatch", freematch="FreeMatch")[algorithm]
+    assert curves.get_suptitle().startswith(f"{name} run run:") and per_class.get_suptitle().startswith(name)
+
+    ax = panel(curves, "Confidence threshold per class")
+    assert ax is not None and ax.get_xlabel() == "optimizer step"
+    lines = {line.get_label(): line.get_ydata() for line in ax.get_lines()}
+    if algorithm == "softmatch":  # one threshold for all classes: one line, not four on top of each other
+        assert list(lines) == ["all 4 classes: the running mean max-probability"]
+        np.testing.assert_allclose(lines[list(lines)[0]], logged[:, 0])
+        mask_lines = [line.get_label() for line in panel(curves, "Mask ratio").get_lines()]
+        assert mask_lines == ["mask ratio", "mean weight (% of full)"]
+    elif num_classes <= 10:  # a labelled line each, and FlexMatch's tau as the ceiling
+        assert list(lines) == [f"class_{c}" for c in range(4)] + ["--threshold 0.95 (the most)"]
+        for c in range(4):
+            np.testing.assert_allclose(lines[f"class_{c}"], logged[:, c])
+    else:  # many classes: their mean and a lowest-to-highest band, no legend entry per class
+        np.testing.assert_allclose(lines["mean over classes"], logged.mean(axis=1))
+        band = ax.collections[0].get_paths()[0].vertices[:, 1]
+        assert np.isclose(band.max(), logged.max()) and np.isclose(band.min(), logged.min())
+        assert len(ax.get_legend().get_texts()) <= 3
+    if algorithm == "freematch":
+        assert "fairness  loss_f" in [line.get_label() for line in panel(curves, "Training loss").get_lines()]
+
+    # per_class.png: the last window's thresholds, one point a class, the starved one red.
+    ax = panel(per_class, "Final confidence threshold")
+    points = ax.collections[0]
+    xy = points.get_offsets()
+    final = xy[:, 0] if num_classes <= 40 else xy[np.argsort(xy[:, 0]), 1]  # bars: x is the threshold
+    np.testing.assert_allclose(final, logged[-1])
+    colours = points.get_facecolors()
+    red = [i for i, c in enumerate(colours) if np.allclose(c[:3], np.array(TAB_RED) / 255, atol=0.01)]
+    assert len(red) == 1 and (xy[red[0], 1] if num_classes <= 40 else xy[red[0], 0]) == 1  # class_1, starved
+    check_png(run / "training_curves.png", min_size=(1400, 1200))
+    check_png(run / "per_class.png")
+
+
+def test_plots_of_a_run_before_thresholds_were_logged(tmp_path, monkeypatch):
+    """An older run's rows lack threshold_per_class and its config.json the algorithm: no threshold panel at all."""
+    for num_classes in (4, 120):
+        figures = drawn_figures(monkeypatch, fabricate_run(tmp_path / f"run_{num_classes}", num_classes=num_classes))
+        curves, per_class = figures["training_curves.png"], figures["per_class.png"]
+        assert curves.get_suptitle().startswith("FixMatch run") and len(curves.axes) == 6
+        assert not [ax for fig in figures.values() for ax in fig.axes if "threshold" in ax.get_title().lower()
+                    and "Mask ratio" not in ax.get_title()]
+        assert len(per_class.axes) == (2 if num_classes <= 40 else 1)
+        assert panel(curves, "Mask ratio").get_title().endswith("confidence \u2265 0.95")
 
 
 def test_plot_cli_writes_both_pictures(tmp_path):
