@@ -53,6 +53,8 @@ class TrainConfig:
 
     # Model
     model: str = _f("wrn28_2", "wrn28_2, wrn28_8, wrn37_2, small_cnn, or any timm model name (random init).")
+    pretrained: bool = _f(False, "Start from timm's pretrained weights for --model (downloaded or from the HF cache); the classifier is new, sized to the dataset's classes.")
+    pretrained_file: Optional[str] = _f(None, "Load the pretrained weights from this local .safetensors or weights-only torch file (implies --pretrained; for machines without hub access).")
 
     # FixMatch
     per_device_train_batch_size: int = _f(64, "Labeled images per process per step (B); unlabeled = mu * B.")
@@ -395,6 +397,8 @@ class Resolved:
     augment_device: str  # "cpu" (PIL in the loaders' workers) or "accelerator" (batched tensors)
     cache_decoded: bool
     channels_last: bool
+    load_size: int  # the side images are decoded (and cached) at; resized to image_size on the device when smaller
+    interpolation: str  # how images reach image_size: the pretrained model's when resized on the device
 
 
 def default_channels_last(device_type: str) -> bool:
@@ -404,18 +408,28 @@ def default_channels_last(device_type: str) -> bool:
 
 
 def resolve(cfg: TrainConfig, *, device_type: str, dataset_image_size: Callable[[], int], num_train: int,
-            streaming: bool) -> Resolved:
-    """Every auto setting in one place; `dataset_image_size` is asked only when --image_size is not given."""
-    size = cfg.image_size or dataset_image_size()
+            streaming: bool, model_data: Optional[Dict] = None,
+            dataset_native_size: Callable[[], Optional[int]] = lambda: None) -> Resolved:
+    """Every auto setting in one place; `dataset_image_size` is asked only when it decides the size.
+
+    model_data: a pretrained model's preprocessing (timm's pretrained_cfg: input_size, interpolation, mean, std):
+    its input size is the default image size, and with on-device augmentation images of a smaller uniform
+    size (`dataset_native_size`) are decoded and cached at that size and enlarged once per batch.
+    """
+    size = cfg.image_size or (model_data["input_size"][-1] if model_data else None) or dataset_image_size()
     pad = cfg.crop_padding if cfg.crop_padding is not None else max(1, size // 8)
     if pad >= size:
         raise UsageError(f"--crop_padding {pad} must be smaller than the image side ({size} px)")
     augment_device = cfg.augment_device or ("cpu" if device_type == "cpu" else "accelerator")
+    load_size, interpolation = size, "bilinear"  # PIL's resize at decoding
+    native = dataset_native_size() if model_data and augment_device == "accelerator" else None
+    if native is not None and native < size:
+        load_size, interpolation = native, model_data.get("interpolation", "bicubic")
     cache_decoded = cfg.cache_decoded
     if cache_decoded is None:
         cache_decoded = (augment_device == "accelerator" and not streaming
-                         and num_train * 3 * size * size < CACHE_LIMIT_BYTES)
+                         and num_train * 3 * load_size * load_size < CACHE_LIMIT_BYTES)
     elif cache_decoded and augment_device == "cpu":
         raise UsageError("--cache_decoded needs --augment_device accelerator (the CPU path augments PIL images)")
     channels_last = cfg.channels_last if cfg.channels_last is not None else default_channels_last(device_type)
-    return Resolved(size, pad, augment_device, cache_decoded, channels_last)
+    return Resolved(size, pad, augment_device, cache_decoded, channels_last, load_size, interpolation)

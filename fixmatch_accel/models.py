@@ -5,6 +5,8 @@ LeakyReLU 0.1); timm has Wide ResNets only in the ImageNet layout, so these are
 written here.
 """
 
+from typing import Dict, Optional
+
 import timm
 import torch
 from torch import nn
@@ -128,3 +130,19 @@ def create_model(name: str, num_classes: int, in_chans: int = 3) -> nn.Module:
             f"--model {name!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a timm model name"
         )
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+
+
+def pretrained_preprocessing(name: str) -> Optional[Dict]:
+    """How --model's pretrained weights expect images (timm's resolve_data_config of its pretrained_cfg):
+    input_size, interpolation, mean, std; None when timm has no pretrained configuration for it."""
+    if name in BUILTIN_MODELS:
+        return None
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    pretrained_cfg = get_pretrained_cfg(name)
+    if pretrained_cfg is None:
+        return None
+    data = resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict())
+    return dict(input_size=list(data["input_size"]), interpolation=data["interpolation"], mean=list(data["mean"]),
+                std=list(data["std"]))

@@ -43,6 +43,8 @@ class RunModel:
     std: List[float]
     image_column: Optional[str] = None  # the training data's columns, from config.json's `resolved`
     label_column: Optional[str] = None
+    load_size: Optional[int] = None  # decoded at this side, then resized to `size` on the device, as in training
+    interpolation: str = "bilinear"
 
 
 class _Images(torch.utils.data.Dataset):
@@ -93,7 +95,8 @@ def load_run_model(model_dir: str, device: torch.device) -> RunModel:
     names = [str(n) for n in config.get("label_names") or range(num_classes)]
     resolved = config.get("resolved") if isinstance(config.get("resolved"), dict) else {}
     return RunModel(model.to(device).eval(), names, int(input_size[-1]), list(mean), list(std),
-                    resolved.get("image_column"), resolved.get("label_column"))
+                    resolved.get("image_column"), resolved.get("label_column"), resolved.get("load_size"),
+                    resolved.get("interpolation", "bilinear"))
 
 
 def image_folder_inputs(image_dir: str, label_names: Sequence[str]) -> Inputs:
@@ -200,11 +203,12 @@ def predict(run: RunModel, inputs: Inputs, device: torch.device, batch_size: int
     """(rows for the CSV, [(name, error)] of the images that could not be read); progress bar on a terminal."""
     from tqdm.auto import tqdm
 
+    from .augment import resize_batch
     from .step import model_inputs
 
     names = run.label_names
     k = min(TOP_K, len(names))
-    loader = torch.utils.data.DataLoader(_Images(inputs.values, run.size), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(_Images(inputs.values, run.load_size or run.size), batch_size=batch_size,
                                          num_workers=num_workers)
     rows, skipped = [], []
     for images, index, errors in tqdm(loader, desc="predict", unit="batch", disable=None if show_progress is None
@@ -213,7 +217,8 @@ def predict(run: RunModel, inputs: Inputs, device: torch.device, batch_size: int
         skipped += [(inputs.names[i], e) for i, e in zip(index.tolist(), errors) if e]
         if not good.any():
             continue
-        logits = run.model(model_inputs(images[good].to(device), run.mean, run.std, channels_last=False))
+        batch = resize_batch(images[good].to(device), run.size, run.interpolation)
+        logits = run.model(model_inputs(batch, run.mean, run.std, channels_last=False))
         probs, classes = logits.float().softmax(dim=-1).topk(k, dim=-1)
         for i, p, c in zip(index[good].tolist(), probs.cpu().tolist(), classes.cpu().tolist()):
             label = inputs.labels[i]

@@ -65,12 +65,15 @@ def write_run_config(cfg, sources: Dict[str, str], accelerator, data, resolved, 
         architecture=cfg.model,
         num_classes=data.num_classes,
         label_names=data.class_names,
-        # interpolation / crop: timm's eval transform then resizes exactly as training did (bilinear, whole image).
+        # interpolation / crop: timm's eval transform then resizes as training did (whole image). mean / std:
+        # the dataset's, or with --pretrained the model's own.
         pretrained_cfg=dict(input_size=[3, size, size], mean=mean, std=std, num_classes=data.num_classes,
-                            interpolation="bilinear", crop_pct=1.0, crop_mode="squash"),
+                            interpolation=resolved.interpolation, crop_pct=1.0, crop_mode="squash"),
         settings=cfg.to_dict(),
         setting_sources=sources,
-        resolved=dict(image_size=size, crop_padding=resolved.crop_padding, augment_device=resolved.augment_device,
+        resolved=dict(image_size=size, load_size=resolved.load_size, interpolation=resolved.interpolation,
+                      normalization="model" if cfg.pretrained or cfg.pretrained_file else "dataset",
+                      crop_padding=resolved.crop_padding, augment_device=resolved.augment_device,
                       cache_decoded=resolved.cache_decoded, channels_last=resolved.channels_last,
                       eval_split=data.eval_split, image_column=data.image_column, label_column=data.label_column,
                       num_train=data.num_train, num_eval=len(data.eval_labels), num_labeled=num_labeled,

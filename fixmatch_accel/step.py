@@ -109,8 +109,9 @@ class TrainStep:
     """
 
     def __init__(self, cfg, model, objective, *, mean, std, channels_last: bool, augment_device: str, pad: int,
-                 generator: torch.Generator, device: torch.device):
+                 generator: torch.Generator, device: torch.device, resize=None):
         self.strong_config, self.hflip, self.pad, self.generator = cfg.strong_augment, cfg.hflip, pad, generator
+        self.resize = resize  # uint8 batch -> the model's input size, when images are loaded smaller
         self.in_workers = augment_device == "cpu"
         self.in_graph = not self.in_workers and strong_view_in_step(device)
         loss_kwargs = dict(objective=objective, mean=mean, std=std, channels_last=channels_last)
@@ -123,6 +124,8 @@ class TrainStep:
             (x, y, _), (u_w, u_s, u_y, rows) = batch_x, batch_u
             return Views(x, y, u_w, u_s, u_y, rows)
         (x, y, _), (u, u_y, rows) = batch_x, batch_u
+        if self.resize is not None:  # views are made at the model's input size
+            x, u = self.resize(x), self.resize(u)
         x = augment.weak_batch(x, hflip=self.hflip, pad=self.pad, generator=self.generator)
         u_w, u_s = unlabeled_batch_views(u, self.strong_config, in_graph=self.in_graph, generator=self.generator,
                                          hflip=self.hflip, pad=self.pad)

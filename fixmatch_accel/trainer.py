@@ -1,12 +1,14 @@
 """train(cfg): set up a run, the FixMatch loop, finish. The loop is the only place that decides the order of things."""
 
 import dataclasses
+import functools
 import os
 import sys
 from typing import Dict, Optional
 
 import torch
 
+from . import augment
 from .checkpoint import (
     Checkpointer,
     TrainState,
@@ -31,7 +33,7 @@ from .ema import ModelEMA
 from .errors import UsageError
 from .evaluate import Evaluator
 from .launch import make_accelerator, step_collectives
-from .models import create_model
+from .models import create_model, pretrained_preprocessing
 from .optim import build_optimizer, schedule_at
 from .preflight import Start, check_start
 from .runlog import RunLog, trackers, write_run_config
@@ -214,9 +216,12 @@ def setup_run(start: Start) -> Run:
         schedule_at(scheduler, state.step)
         accelerator.print(f"resumed from {resume_path} at step {state.step}"
                           + (", labeled split from the checkpoint" if split_from_checkpoint else ""))
-    step = TrainStep(cfg, model, objective, mean=mean, std=std, channels_last=rd.resolved.channels_last,
-                     augment_device=rd.resolved.augment_device, pad=rd.resolved.crop_padding, generator=generator,
-                     device=device)
+    resolved = rd.resolved
+    resize = (functools.partial(augment.resize_batch, size=resolved.image_size, interpolation=resolved.interpolation)
+              if resolved.load_size != resolved.image_size else None)
+    step = TrainStep(cfg, model, objective, mean=mean, std=std, channels_last=resolved.channels_last,
+                     augment_device=resolved.augment_device, pad=resolved.crop_padding, generator=generator,
+                     device=device, resize=resize)
     if accelerator.is_main_process:
         write_run_config(cfg, sources, accelerator, rd.data, rd.resolved, rd.mean, rd.std, len(rd.labeled_idx))
     if cfg.report_to != "none":
@@ -230,7 +235,8 @@ def setup_run(start: Start) -> Run:
     labeled_loader, unlabeled_loader, eval_loader = loaders
     evaluator = Evaluator(
         accelerator, cfg, ema, eval_loader,
-        lambda images: model_inputs(images, mean, std, channels_last=rd.resolved.channels_last),
+        lambda images: model_inputs(resize(images) if resize else images, mean, std,
+                                    channels_last=resolved.channels_last),
         rd.data.num_classes, sharded=isinstance(eval_loader, StreamLoader) or is_xla(device),
         skipped_before=rd.bad_eval, log=log, show_progress=log.show_bar)
     return Run(cfg, accelerator, rd, model, live_model, optimizer, scheduler, ema, state, step,
@@ -268,23 +274,27 @@ def setup_data(cfg: TrainConfig, sources: Dict[str, str], accelerator, split_che
     # Image size and channel statistics from a seeded sample (a stream: its labeled examples).
     stats_source, rows = ((labeled_rows, range(len(labeled_rows))) if data.streaming
                           else (data.train, stats_rows(data.num_train, cfg.seed)))
+    sizes = functools.cache(lambda: image_sizes(stats_source, data.image_column, rows))
+    model_data = pretrained_preprocessing(cfg.model) if cfg.pretrained or cfg.pretrained_file else None
     resolved = resolve(cfg, device_type=accelerator.device.type, num_train=data.num_train, streaming=data.streaming,
-                       dataset_image_size=lambda: default_image_size(image_sizes(stats_source, data.image_column,
-                                                                                 rows)))
-    mean, std, bad_sampled = sampled_channel_stats(stats_source, data.image_column, resolved.image_size, rows)
+                       dataset_image_size=lambda: default_image_size(sizes()), model_data=model_data,
+                       dataset_native_size=lambda: max(next(iter(sizes()))) if len(sizes()) == 1 else None)
+    mean, std, bad_sampled = sampled_channel_stats(stats_source, data.image_column, resolved.load_size, rows)
+    if model_data is not None:  # the statistics the pretrained weights were trained with
+        mean, std = model_data["mean"], model_data["std"]
     bad_images = BadImages(cfg, data, accelerator.print)  # only training reads count towards the budget
     bad_images.read(labeled_idx, bad_labeled)
     if not data.streaming:  # a stream's sample is its (readable) labeled examples
         bad_images.read(rows, bad_sampled)
     cache, bad_eval = None, []
     if resolved.cache_decoded:
-        cache, bad_train, bad_eval, decoded = decode_cache(cfg, data, resolved.image_size, show_progress)
+        cache, bad_train, bad_eval, decoded = decode_cache(cfg, data, resolved.load_size, show_progress)
         bad_images.read(range(decoded), bad_train)
         if bad_eval:
             accelerator.print(f"evaluation leaves out {len(bad_eval)} unreadable image(s), e.g. {bad_eval[0][1]}")
     how = f"left out of {cfg.labeled_split_file}" if cfg.labeled_split_file else "redrawn within their class"
     bad_images.check_setup(f"{len(bad_labeled)} of them labeled, {how}" if bad_labeled else "")
-    loaders = build_loaders(cfg, data, labeled_idx, labeled_rows, resolved.image_size, resolved.crop_padding,
+    loaders = build_loaders(cfg, data, labeled_idx, labeled_rows, resolved.load_size, resolved.crop_padding,
                             resolved.augment_device, accelerator, cache=cache)
     return RunData(data, labeled_idx, resolved, mean, std, bad_images, len(bad_eval), loaders)
 

@@ -46,7 +46,7 @@ from .ops import (
                   sample_rand_augment_params,
 )
 from .pil import PaperRandAugment, strong_transform, to_tensor_normalize, weak_transform
-from .tensor import apply_op, apply_rand_augment, normalize_batch, strong_batch, weak_batch
+from .tensor import apply_op, apply_rand_augment, normalize_batch, resize_batch, strong_batch, weak_batch
 
 __all__ = [
     "BASE_OPS",
@@ -60,6 +60,7 @@ __all__ = [
     "apply_rand_augment",
     "normalize_batch",
     "parse_strong_augment",
+    "resize_batch",
     "sample_rand_augment_params",
     "strong_batch",
     "strong_transform",

@@ -150,6 +150,25 @@ def weak_batch(images: Tensor, *, hflip: bool = True, pad: int = 4,
     return picked.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
 
 
+# timm's interpolation names -> torch's (timm's 'random' and PIL-only filters resize bicubic here).
+RESIZE_MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}
+
+
+@torch.no_grad()
+def resize_batch(images: Tensor, size: int, interpolation: str = "bicubic") -> Tensor:
+    """uint8 [N, C, h, w] -> uint8 [N, C, size, size] with torch's interpolate, rounded and clipped.
+
+    For a pretrained model's input size: images decoded (and cached) at the dataset's smaller size
+    are enlarged once per batch on the training device. Static shapes, no host sync.
+    """
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    mode = RESIZE_MODES.get(interpolation, "bicubic")
+    out = torch.nn.functional.interpolate(images.float(), size=(size, size), mode=mode,
+                                          **({} if mode == "nearest" else dict(align_corners=False)))
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
 @torch.no_grad()
 def normalize_batch(images: Tensor, mean: Sequence[float] | Tensor,
                     std: Sequence[float] | Tensor) -> Tensor:
