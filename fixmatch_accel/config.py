@@ -81,6 +81,7 @@ class TrainConfig:
     weight_decay: float = _f(5e-4, "Weight decay on conv/linear weights (never on biases or BatchNorm).")
     ema_decay: float = _f(0.999, "Decay of the EMA model that is evaluated and saved (warmed up as (1+t)/(10+t)).")
     max_train_steps: int = _f(2**20, "Optimizer steps K; the cosine schedule lr*cos(7*pi*k/(16K)) spans them.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches of B labeled and mu*B unlabeled images per optimizer step (accelerate's accumulate): the batch of one step is N times larger in the same memory. The algorithm's statistics are updated per micro-batch; BatchNorm normalises each micro-batch on its own.")
     compile: bool = _f(False, "torch.compile the augmentation + forward + loss (one graph without host syncs); on a CPU forward + loss only (eager augmentation is faster there).")
     compile_mode: str = _f("default", "torch.compile mode with --compile; 'reduce-overhead' (CUDA graphs) was fastest on one H100 (bench/RESULTS.md).", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     channels_last: Optional[bool] = _f(None, "channels_last memory layout for model and inputs; default: on for CUDA and CPU (off on XLA and MPS).")
@@ -344,7 +345,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--seed must be in [0, 2**32), got {cfg.seed}")
     if not cfg.output_dir:
         raise UsageError("--output_dir must name a folder, got ''")
-    positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "mu", "max_train_steps", "logging_steps", "num_labeled", "ddp_timeout"]
+    positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "mu", "max_train_steps", "logging_steps", "num_labeled", "ddp_timeout", "gradient_accumulation_steps"]
     for name in positive:
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")

@@ -12,7 +12,7 @@ from .xla import is_xla
 def make_accelerator(cfg, log_with):
     """The run's Accelerator; refuses a launch whose processes do not see each other."""
     from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     # A multi-process launch on a machine without GPUs must use gloo on the CPU;
@@ -30,6 +30,9 @@ def make_accelerator(cfg, log_with):
         # The schedule counts optimizer steps, whatever the number of processes.
         step_scheduler_with_optimizer=False,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Every optimizer step takes N micro-batches, also across the end of a pass over the data.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.gradient_accumulation_steps,
+                                                                sync_with_dataloader=False),
         # A peer that stops answering (a machine lost without a connection reset) fails the next collective
         # after this long instead of the backend default; a peer that crashed fails it at once.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.ddp_timeout))],

@@ -80,7 +80,9 @@ def write_run_config(cfg, sources: Dict[str, str], accelerator, data, resolved, 
                       streaming=data.streaming),
         world_size=world,
         num_machines=num_machines(world),
-        global_batch=dict(labeled=B * world, unlabeled=U * world),
+        # per optimizer step: B and mu*B on every process, --gradient_accumulation_steps times
+        global_batch=dict(labeled=B * world * cfg.gradient_accumulation_steps,
+                          unlabeled=U * world * cfg.gradient_accumulation_steps),
         mixed_precision=accelerator.mixed_precision,
         device=str(accelerator.device),
         versions=versions(),
@@ -182,18 +184,21 @@ class RunLog:
                         dynamic_ncols=True)
         self.window = Window(accelerator.device, num_classes, averaged)
         self.window_start, self.paused_s = time.perf_counter(), 0.0
-        # Images drawn a step over all processes.
+        # Images drawn a (micro-)batch over all processes.
         self.labeled_per_step = cfg.per_device_train_batch_size * accelerator.num_processes
         self.unlabeled_per_step = cfg.mu * self.labeled_per_step
         self.images_per_step = self.labeled_per_step + self.unlabeled_per_step
 
     def add(self, stats: Optional[Dict[str, torch.Tensor]], rows: torch.Tensor) -> None:
-        """Statistics stay on the device until a logging step."""
+        """One (micro-)batch's statistics (None: skipped); they stay on the device until a logging step."""
         self.window.add(stats, rows)
         self.state.labeled_seen += self.labeled_per_step
         self.state.unlabeled_seen += self.unlabeled_per_step
         if stats is None:
             self.state.skipped += 1
+
+    def stepped(self) -> None:
+        """An optimizer step is done."""
         self.bar.update(1)
         if is_xla(self.accelerator.device):  # one graph per training step, launched before a logging step reads it
             xla_sync()

@@ -81,7 +81,7 @@ class Run:
         return f"top-{min(5, self.rd.data.num_classes)}"  # what "top5" measures (top_k in the files)
 
     def nonfinite(self, step: int):
-        return self.log.nonfinite(step, step - self.log.window.steps)
+        return self.log.nonfinite(step, step - self.log.window.steps // self.cfg.gradient_accumulation_steps)
 
     def save(self, step: int) -> str:
         """A checkpoint, never of non-finite weights (a host sync)."""
@@ -112,25 +112,31 @@ def loop(run: Run, stop: StopSignal) -> None:
     cfg, state, accelerator = run.cfg, run.state, run.accelerator
     run.model.train()
     while state.step < cfg.max_train_steps:
-        # Batch: B labeled and mu*B unlabeled uint8 images, and their weak and strong views.
-        views = run.step.views(next(run.labeled), next(run.unlabeled))
-        # Forward and loss: one pass over cat([x, u_w, u_s]), so BatchNorm sees the whole batch; the algorithm's
-        # statistics are reduced over all processes inside it.
-        loss, stats, objective_state = run.step.loss(views, state.objective)
-        # Only with --skip_nonfinite_steps: a host sync (and, with several processes, a collective) every step.
-        finite = not cfg.skip_nonfinite_steps or all_finite(accelerator, loss)
-        # Backward, optimizer step, schedule, EMA. A skipped step still advances the schedule.
-        if finite:
-            accelerator.backward(loss)
-            run.optimizer.step()
+        # One optimizer step of --gradient_accumulation_steps micro-batches (one in the paper): accelerate
+        # all-reduces the gradients and steps the optimizer on the last only.
+        for _ in range(cfg.gradient_accumulation_steps):
+            with accelerator.accumulate(run.model):
+                # Batch: B labeled and mu*B unlabeled uint8 images, and their weak and strong views.
+                views = run.step.views(next(run.labeled), next(run.unlabeled))
+                # Forward and loss: one pass over cat([x, u_w, u_s]), so BatchNorm sees the whole batch; the
+                # algorithm's statistics are reduced over all processes inside it.
+                loss, stats, objective_state = run.step.loss(views, state.objective)
+                # Only with --skip_nonfinite_steps: a host sync (and, with several processes, a collective).
+                finite = not cfg.skip_nonfinite_steps or all_finite(accelerator, loss)
+                # Backward and optimizer step; a skipped micro-batch leaves the algorithm's state as it was.
+                if finite:
+                    accelerator.backward(loss)
+                    run.optimizer.step()
+                    state.objective = objective_state
+                # Statistics stay on the device until a logging step.
+                run.log.add(stats if finite else None, views.rows)
+        # Schedule and EMA. A skipped step (its last micro-batch skipped) still advances the schedule.
         lr = run.scheduler.get_last_lr()[0]  # the rate this step used (a Python float, no sync)
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         if finite:
             run.ema.update(run.live_model, state.step)
-            state.objective = objective_state
-        # Statistics stay on the device until a logging step.
-        run.log.add(stats if finite else None, views.rows)
+        run.log.stepped()
         state.step += 1
         step = state.step
 

@@ -1,4 +1,4 @@
-"""`input_sizes.py OUT_FILE train.py ARGS...`: runs the trainer and writes the model's input shapes (H, W) to OUT_FILE."""
+"""`input_sizes.py OUT_FILE train.py ARGS...`: runs the trainer; writes the model's input sizes (H, W) to OUT_FILE."""
 
 import json
 import sys

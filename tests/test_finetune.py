@@ -1,15 +1,20 @@
 """Fine-tuning a pretrained backbone: the model's preprocessing and gradient accumulation."""
 
+import copy
 import json
 import sys
 
 import pytest
+import timm
 import torch
 from conftest import ROOT, run_train
 from test_e2e import TINY_DIGITS, check_ok
 
+from fixmatch_accel.algorithms.objective import Objective
 from fixmatch_accel.augment import resize_batch
 from fixmatch_accel.config import TrainConfig, resolve
+from fixmatch_accel.runlog import Window
+from fixmatch_accel.step import forward_loss, model_inputs
 
 MODEL_DATA = dict(input_size=[3, 224, 224], interpolation="bicubic", mean=[0.5] * 3, std=[0.5] * 3)
 
@@ -43,3 +48,67 @@ def test_resize_batch_enlarges_uint8_batches():
     assert up.dtype == torch.uint8 and up.shape == (2, 3, 8, 8)
     flat = torch.full((1, 3, 5, 5), 77, dtype=torch.uint8)
     assert torch.equal(resize_batch(flat, 9, "bicubic"), torch.full((1, 3, 9, 9), 77, dtype=torch.uint8))
+
+
+@pytest.fixture
+def accumulating_accelerator():
+    """An Accelerator of 2 accumulation steps in this process; accelerate's shared state is reset after."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield Accelerator(cpu=True, gradient_accumulation_steps=2)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_gradient_accumulation_is_one_large_batch_for_a_model_without_batchnorm(accumulating_accelerator):
+    """Two micro-batches through accelerate's accumulate: the gradient of one batch twice as large (a ViT has
+    no BatchNorm, whose statistics would differ per micro-batch), and the same logged statistics."""
+    accelerator = accumulating_accelerator
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=1, embed_dim=24, num_heads=2,
+                              num_classes=4)
+    micro = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    x, u_w, u_s = (torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=g) for n in (4, 8, 8))
+    y, u_y = torch.randint(0, 4, (4,), generator=g), torch.randint(0, 4, (8,), generator=g)
+    mean, std = torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.25)
+    with torch.no_grad():  # the median confidence as threshold: about half the pseudo-labels are used
+        threshold = float(torch.softmax(model(model_inputs(u_w, mean, std, False)), -1).max(-1).values.median())
+    objective = Objective("fixmatch", num_classes=4, threshold=threshold, temperature=1.0, lambda_u=1.0)
+    kw = dict(objective=objective, mean=mean, std=std, channels_last=False)
+    state, rows = objective.init_state(), torch.arange(8)
+
+    loss, big_stats, _ = forward_loss(model, state, x, y, u_w, u_s, u_y, rows, **kw)
+    loss.backward()
+    big, small = Window(torch.device("cpu"), 4, objective.averaged_stats), Window(torch.device("cpu"), 4,
+                                                                                 objective.averaged_stats)
+    big.add(big_stats, rows)
+    for half in (slice(0, 2), slice(2, 4)):
+        part = slice(half.start * 2, half.stop * 2)
+        with accelerator.accumulate(micro):
+            loss, stats, _ = forward_loss(micro, state, x[half], y[half], u_w[part], u_s[part], u_y[part],
+                                          rows[part], **kw)
+            accelerator.backward(loss)  # divided by the 2 accumulation steps
+        small.add(stats, rows[part])
+    assert accelerator.sync_gradients
+    for (name, p), q in zip(model.named_parameters(), micro.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
+    a, b = big.summarise(accelerator), small.summarise(accelerator)
+    assert 0 < a["mask_ratio"] < 1
+    for k in ("loss", "loss_x", "loss_u", "mask_ratio", "pseudo_label_acc", "mask_per_class", "threshold_per_class"):
+        assert b[k] == pytest.approx(a[k], rel=1e-5), k
+
+
+def test_a_run_with_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    out = tmp_path / "run"
+    check_ok(run_train(TINY_DIGITS + ["--augment_device", "accelerator", "--max_train_steps", 4,
+                                      "--gradient_accumulation_steps", 3, "--output_dir", out]))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == [2, 4]
+    assert train[-1]["labeled_seen"] == 4 * 3 * 4 and train[-1]["unlabeled_seen"] == 4 * 3 * 8
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["global_batch"] == {"labeled": 12, "unlabeled": 24}
+    trainer_state = json.loads((out / "checkpoints" / "step_3" / "trainer_state.json").read_text())
+    assert trainer_state["step"] == 3 and trainer_state["labeled_seen"] == 3 * 3 * 4
