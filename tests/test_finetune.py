@@ -112,3 +112,30 @@ def test_a_run_with_gradient_accumulation_counts_optimizer_steps(tmp_path):
     assert cfg["global_batch"] == {"labeled": 12, "unlabeled": 24}
     trainer_state = json.loads((out / "checkpoints" / "step_3" / "trainer_state.json").read_text())
     assert trainer_state["step"] == 3 and trainer_state["labeled_seen"] == 3 * 3 * 4
+
+
+@pytest.mark.parametrize("augment_device", ["accelerator", "cpu"])
+def test_images_reach_a_pretrained_model_at_its_input_size_in_both_augmentation_paths(tmp_path, augment_device):
+    """resnet10t's pretrained_cfg: 176 px, ImageNet mean/std, bicubic. The 8 px digits are enlarged on the
+    device (on-device augmentation) or by PIL in the loaders (CPU augmentation); the model sees 176 px only."""
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "resnet10t.safetensors"
+    save_file(timm.create_model("resnet10t", num_classes=5).state_dict(), str(weights))
+    args = [a for a in TINY_DIGITS if a not in ("--image_size", "8")]
+    out, sizes = tmp_path / "run", tmp_path / "sizes.json"
+    result = run_train(args + ["--model", "resnet10t", "--pretrained_file", weights, "--augment_device", augment_device,
+                               "--per_device_train_batch_size", 2, "--mu", 1, "--max_train_steps", 2,
+                               "--eval_steps", 0, "--checkpointing_steps", 0, "--max_eval_samples", 8,
+                               "--output_dir", out],
+                       launcher=[sys.executable, str(ROOT / "tests" / "input_sizes.py"), str(sizes)])
+    check_ok(result)
+    assert json.loads(sizes.read_text()) == [[176, 176]]
+    cfg = json.loads((out / "config.json").read_text())
+    enlarged = augment_device == "accelerator"
+    assert cfg["pretrained_cfg"]["input_size"] == [3, 176, 176]
+    assert cfg["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406] and cfg["pretrained_cfg"]["std"] == [0.229, 0.224,
+                                                                                                         0.225]
+    assert cfg["pretrained_cfg"]["interpolation"] == ("bicubic" if enlarged else "bilinear")
+    assert (cfg["resolved"]["load_size"], cfg["resolved"]["crop_padding"]) == ((8 if enlarged else 176), 22)
+    assert cfg["resolved"]["normalization"] == "model"
