@@ -297,7 +297,9 @@ FIXED_ON_RESUME = ("algorithm", "dist_align", "model", "dataset_name", "dataset_
 # Kept from the checkpoint, with a note: its optimizer and schedule state hold these, and the seed drew its
 # statistics sample, data order and augmentation streams.
 KEPT_ON_RESUME = {"learning_rate": "the optimizer and schedule state", "momentum": "the optimizer state",
-                  "weight_decay": "the optimizer state", "seed": "the data order, augmentation and statistics"}
+                  "weight_decay": "the optimizer state", "optimizer": "the optimizer state",
+                  "layer_decay": "the optimizer's parameter groups",
+                  "seed": "the data order, augmentation and statistics"}
 # Where this invocation writes and how it was configured: never compared (the labeled split has its own rule).
 NOT_COMPARED = ("resume_from_checkpoint", "output_dir", "overwrite_output_dir", "config", "preset",
                 "labeled_split_file", "num_labeled", "report_to", "dataloader_num_workers", "ddp_timeout")
@@ -305,14 +307,14 @@ NOT_COMPARED = ("resume_from_checkpoint", "output_dir", "overwrite_output_dir", 
 
 def reconcile_resume(cfg, sources: Dict[str, str], path: str, saved: Dict, step: int):
     """A resumed run's settings and the notes that say what changed: returns (cfg, sources, notes)."""
-    from .optim import cosine_lr_factor
+    from .optim import lr_factor
 
     now_values, values, notes = cfg.to_dict(), {}, []
     for name, then in saved.items():
         now = now_values.get(name, then)
         if name not in now_values or name in NOT_COMPARED or now == then:
             continue
-        if sources.get(name, "flag") in ("default", "demo"):  # not asked for now: continue the run as it was
+        if sources.get(name, "flag") in ("default", "demo", "pretrained"):  # not asked for now: continue as it was
             values[name] = then
         elif name in FIXED_ON_RESUME:
             raise UsageError(f"--resume_from_checkpoint {path!r}: cannot load it with --{name} {now!r}: its run was "
@@ -324,9 +326,10 @@ def reconcile_resume(cfg, sources: Dict[str, str], path: str, saved: Dict, step:
                          "of its checkpoint holds it)")
         elif name == "max_train_steps":
             lr = values.get("learning_rate", saved.get("learning_rate", cfg.learning_rate))
+            was = lr * lr_factor(step, then, saved.get("warmup_steps", 0))
+            will = lr * lr_factor(step, now, values.get("warmup_steps", cfg.warmup_steps))
             notes.append(f"note: --max_train_steps {now} (was {then}): the cosine schedule now spans {now} steps, so "
-                         f"the learning rate of step {step + 1} moves from {lr * cosine_lr_factor(step, then):.6g} "
-                         f"to {lr * cosine_lr_factor(step, now):.6g}")
+                         f"the learning rate of step {step + 1} moves from {was:.6g} to {will:.6g}")
         else:
             notes.append(f"note: --{name} {now!r} (was {then!r}) takes effect from step {step + 1}")
     sources = dict(sources, **{name: "checkpoint" for name in values})

@@ -1,9 +1,9 @@
 """Every knob of a run in one dataclass; the command line is generated from it.
 
 Order of precedence, lowest first: the field defaults (the paper's settings), the
-built-in demo (only when no dataset is named), a --preset (presets.yaml), a --config
-YAML file, then flags given on the command line. `config.json` records where each
-value came from.
+built-in demo (only when no dataset is named), the fine-tuning defaults of a pretrained
+run, a --preset (presets.yaml), a --config YAML file, then flags given on the command
+line. `config.json` records where each value came from.
 """
 
 import argparse
@@ -76,7 +76,10 @@ class TrainConfig:
     crop_padding: Optional[int] = _f(None, "Reflect-pad-and-crop shift of the weak view in pixels; default: image_size / 8 (4 px at 32, the paper's 12.5%).")
 
     # Optimisation
-    learning_rate: float = _f(0.03, "Peak SGD learning rate.")
+    learning_rate: float = _f(0.03, "Peak learning rate (of the last layers, with --layer_decay); a pretrained run's default with adamw: 5e-4.")
+    optimizer: str = _f("sgd", "sgd (Nesterov, the paper's) or adamw (a pretrained run's default); timm's create_optimizer_v2 builds adamw and any --layer_decay.", choices=("sgd", "adamw"))
+    layer_decay: Optional[float] = _f(None, "Layer-wise learning-rate decay (timm's): a layer d blocks below the head trains at lr * layer_decay**d; needs a timm model with layer groups (ViTs, ResNets, ...); default: off (1.0 is off too), 0.65 for a pretrained ViT.")
+    warmup_steps: int = _f(0, "Optimizer steps of linear warm-up, lr * (k+1)/W for k < W, before the cosine decay, which then spans the remaining K - W steps; a pretrained run's default: K / 40.")
     momentum: float = _f(0.9, "SGD (Nesterov) momentum.")
     weight_decay: float = _f(5e-4, "Weight decay on conv/linear weights (never on biases or BatchNorm).")
     ema_decay: float = _f(0.999, "Decay of the EMA model that is evaluated and saved (warmed up as (1+t)/(10+t)).")
@@ -290,12 +293,51 @@ def _print_presets() -> None:
         print(f"{name:16s} {p.get('dataset_name')}, {p.get('num_labeled')} labels, {p.get('model')}, weight decay {p.get('weight_decay')}")
 
 
+# Fine-tuning defaults of a pretrained run (--pretrained or --pretrained_file), from USB's FixMatch configs for
+# pretrained ViTs (microsoft/Semi-supervised-learning, config/usb_cv/fixmatch/*.yaml): every one trains with AdamW,
+# weight_decay 0.0005 (the paper's value, so the field default stands) and num_warmup_iter 5120 of num_train_iter
+# 204800 (1/40); lr and layer_decay vary with model and data: lr 0.0005 with layer_decay 0.5 for their 32 px
+# vit_small_patch2_32 on CIFAR-100 (fixmatch_cifar100_200_0.yaml), lr 0.0001 / 0.001 with layer_decay 0.65 for
+# the ImageNet-layout vit_base_patch16_96 / vit_small_patch16_224 (fixmatch_stl10_40_0.yaml,
+# fixmatch_semi_aves_3959_0.yaml), lr 5e-05 and no layer decay for EuroSAT (fixmatch_eurosat_20_0.yaml).
+PRETRAINED_OPTIMIZER = "adamw"
+PRETRAINED_ADAMW_LR = 5e-4  # the middle of USB's range, its CIFAR setting; an AdamW rate, so only with adamw
+PRETRAINED_LAYER_DECAY = 0.65  # USB's for timm's ViT layout (patch16), BEiT's and MAE's; only for LAYER_DECAY_MODELS
+PRETRAINED_WARMUP_DIVISOR = 40  # warm-up steps = --max_train_steps // 40: USB's 5120 of 204800
+LAYER_DECAY_MODELS = ("vit", "deit", "beit", "eva")  # name prefixes of the ViTs that fine-tune with layer decay
+
+
+def _apply_pretrained_defaults(values: Dict[str, Any], sources: Dict[str, str]) -> None:
+    """The layer just above the field defaults and the demo: only a value that no preset, file or flag set."""
+    def put(name: str, value: Any) -> None:
+        if sources[name] in ("default", "demo"):
+            values[name], sources[name] = value, "pretrained"
+
+    put("optimizer", PRETRAINED_OPTIMIZER)
+    if values["optimizer"] == "adamw":  # the paper's 0.03 stays with an SGD asked for
+        put("learning_rate", PRETRAINED_ADAMW_LR)
+    if values["model"].split("/")[-1].lower().startswith(LAYER_DECAY_MODELS):  # also hf-hub:timm/vit_...
+        put("layer_decay", PRETRAINED_LAYER_DECAY)
+    put("warmup_steps", values["max_train_steps"] // PRETRAINED_WARMUP_DIVISOR)
+
+
+def pretrained_defaults_note(cfg: TrainConfig, sources: Dict[str, str]) -> Optional[str]:
+    """One line naming the settings a pretrained run took from the fine-tuning defaults, or None (to print once)."""
+    taken = [f"--{name} {getattr(cfg, name)}" for name in ("optimizer", "learning_rate", "layer_decay", "warmup_steps")
+             if sources.get(name) == "pretrained"]
+    if not taken:
+        return None
+    return f"note: pretrained weights, so fine-tuning defaults: {', '.join(taken)} (a flag, preset or config file overrides them)"
+
+
 def parse_args(argv: Optional[List[str]] = None) -> Tuple[TrainConfig, Dict[str, str]]:
     """Return the resolved config and, for each field, where its value came from.
 
     Layers, lowest first, with the source recorded for each field: field defaults
-    ("default"), the demo ("demo", only when no other layer names a dataset), a preset
-    ("preset:NAME"), a config file ("file:PATH"), command-line flags ("flag").
+    ("default"), the demo ("demo", only when no other layer names a dataset), the
+    fine-tuning defaults of a pretrained run ("pretrained", for the values still at a
+    default or the demo's once every layer is read), a preset ("preset:NAME"), a config
+    file ("file:PATH"), command-line flags ("flag").
     """
     given = vars(build_parser().parse_args(argv))
     from_file = load_config_file(given["config"]) if given.get("config") else {}
@@ -319,6 +361,8 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[TrainConfig, Dict[str,
             values[k], sources[k] = v, source
     if values["dataset_name"] == "digits" and sources["hflip"] == "default":
         values["hflip"], sources["hflip"] = False, "digits"  # a mirrored digit is another symbol, however named
+    if values["pretrained"] or values["pretrained_file"] is not None:
+        _apply_pretrained_defaults(values, sources)
     cfg = TrainConfig(**values)
     try:
         validate(cfg)
@@ -355,6 +399,13 @@ def validate(cfg: TrainConfig) -> None:
     for name in ["checkpoints_total_limit", "max_train_samples", "max_eval_samples"]:  # None: no limit
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.layer_decay is not None and not 0.0 < cfg.layer_decay <= 1.0:
+        raise UsageError(f"--layer_decay must be in (0, 1] (1: off), got {cfg.layer_decay}")
+    if cfg.warmup_steps < 0:
+        raise UsageError(f"--warmup_steps must be non-negative, got {cfg.warmup_steps}")
+    if cfg.warmup_steps >= cfg.max_train_steps:
+        raise UsageError(f"--warmup_steps must be smaller than --max_train_steps ({cfg.max_train_steps}), "
+                         f"got {cfg.warmup_steps}")
     if cfg.crop_padding is not None and cfg.crop_padding < 0:
         raise UsageError(f"--crop_padding must be non-negative, got {cfg.crop_padding}")
     if not 0.0 <= cfg.threshold <= 1.0:
