@@ -103,8 +103,8 @@ def test_missing_or_unreadable_file_and_bad_values_say_where(tmp_path):
 
 
 def test_every_preset_is_the_papers_setting():
-    names = preset_names()
-    assert len(names) == 10 and not any(n.startswith("_") for n in names)
+    names = [n for n in preset_names() if not n.startswith("ft-")]  # fine-tuning presets: below
+    assert len(names) == 10 and not any(n.startswith("_") for n in preset_names())
     family = {  # (hub id, model, weight decay) per dataset, from the paper's appendix
         "cifar10": ("uoft-cs/cifar10", "wrn28_2", 5e-4),
         "cifar100": ("uoft-cs/cifar100", "wrn28_8", 1e-3),
@@ -177,3 +177,22 @@ def test_wrn37_2_is_the_papers_stl10_network():
     with torch.no_grad():
         assert model(torch.randn(1, 3, 96, 96)).shape == (1, 10)
     assert seen["shape"] == (1, 256, 6, 6)  # 96 / 2^4: stride 2 in each of the 4 stages
+
+
+def test_fine_tuning_presets_are_usbs_settings_on_public_timm_weights():
+    import timm
+
+    names = [n for n in preset_names() if n.startswith("ft-")]
+    assert sorted(names) == ["ft-cifar100-200-resnet50", "ft-cifar100-200-vits16", "ft-cifar100-400-resnet50",
+                             "ft-cifar100-400-vits16"]
+    for name in names:
+        cfg, sources = parse_args(["--preset", name])
+        labels, model = name.split("-")[2:]
+        assert cfg.pretrained and cfg.num_labeled == int(labels) and cfg.output_dir == f"outputs/{name}"
+        assert (cfg.dataset_name, cfg.label_column_name) == ("uoft-cs/cifar100", "fine_label")
+        assert (cfg.per_device_train_batch_size, cfg.mu, cfg.optimizer, cfg.learning_rate, cfg.weight_decay) == (
+            8, 1, "adamw", 5e-4, 5e-4)
+        assert (cfg.max_train_steps, cfg.warmup_steps, cfg.ema_decay) == (204800, 5120, 0.0)
+        assert cfg.layer_decay == (0.5 if model == "vits16" else None)
+        assert timm.models.get_pretrained_cfg(cfg.model) is not None, cfg.model  # public weights timm knows
+        assert sources["optimizer"] == f"preset:{name}"
