@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,14 @@ from .errors import UsageError
 
 # The unlabeled objectives (fixmatch_accel/algorithms/objective.py).
 ALGORITHMS = ("fixmatch", "flexmatch", "freematch", "softmatch")
+# The models written here (fixmatch_accel/models.py BUILTIN_MODELS; a test keeps the two equal): timm has no
+# pretrained weights for them, though --pretrained_file loads a run's model.safetensors into one.
+BUILTIN_MODEL_NAMES = ("wrn28_2", "wrn28_8", "wrn37_2", "small_cnn")
+
+
+def builtin_without_weights(model: str) -> str:
+    return (f"--pretrained: the built-in --model {model} has no pretrained weights to download; start from a "
+            "finished run's model.safetensors with --pretrained_file PATH, or pick a timm model")
 
 
 def _f(default, help: str, **kw):
@@ -434,6 +443,10 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--softmatch_n_sigma must be positive, got {cfg.softmatch_n_sigma}")
     if cfg.image_size is not None and cfg.image_size < 4:
         raise UsageError(f"--image_size must be at least 4, got {cfg.image_size}")
+    if cfg.pretrained and cfg.pretrained_file is None and cfg.model in BUILTIN_MODEL_NAMES:
+        raise UsageError(builtin_without_weights(cfg.model))
+    if cfg.pretrained_file is not None and not os.path.isfile(cfg.pretrained_file):
+        raise UsageError(f"--pretrained_file {cfg.pretrained_file!r}: no such file")
 
 
 # Decoded train splits under this size are kept in memory by default (--cache_decoded).

@@ -315,7 +315,8 @@ def setup_objective(cfg: TrainConfig, rd: RunData, accelerator):
 
 def setup_model(cfg: TrainConfig, accelerator, rd: RunData):
     """The model (in its memory layout), optimizer and schedule, prepared with the DataLoaders."""
-    model = create_model(cfg.model, rd.data.num_classes)
+    model = create_model(cfg.model, rd.data.num_classes, pretrained=cfg.pretrained or cfg.pretrained_file is not None,
+                         pretrained_file=cfg.pretrained_file)
     if rd.resolved.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimizer(cfg, model, accelerator.device)
