@@ -464,6 +464,7 @@ class Resolved:
     channels_last: bool
     load_size: int  # the side images are decoded (and cached) at; resized to image_size on the device when smaller
     interpolation: str  # how images reach image_size: the pretrained model's when resized on the device
+    normalization: str  # "model": a pretrained model's mean and std; "dataset": the sampled channel statistics
 
 
 def default_channels_last(device_type: str) -> bool:
@@ -497,4 +498,5 @@ def resolve(cfg: TrainConfig, *, device_type: str, dataset_image_size: Callable[
     elif cache_decoded and augment_device == "cpu":
         raise UsageError("--cache_decoded needs --augment_device accelerator (the CPU path augments PIL images)")
     channels_last = cfg.channels_last if cfg.channels_last is not None else default_channels_last(device_type)
-    return Resolved(size, pad, augment_device, cache_decoded, channels_last, load_size, interpolation)
+    return Resolved(size, pad, augment_device, cache_decoded, channels_last, load_size, interpolation,
+                    "model" if model_data else "dataset")

@@ -8,6 +8,7 @@ written here.
 import pickle
 import re
 import textwrap
+from functools import partial
 from typing import Dict, List, Optional
 
 import timm
@@ -127,13 +128,14 @@ BUILTIN_MODELS = {
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 3, pretrained: bool = False,
-                 pretrained_file: Optional[str] = None) -> nn.Module:
+                 pretrained_file: Optional[str] = None, image_size: Optional[int] = None) -> nn.Module:
     """A built-in model by name, else a timm model: random init, or pretrained weights with a new classifier.
 
     `pretrained`: timm's own weights for `name` (Hugging Face cache, else downloaded). `pretrained_file`
     (implies `pretrained`): the weights of a local safetensors or weights-only torch file, for a timm model
     or, from a run's model.safetensors, for a built-in one. Either way every tensor but the classifier's
-    comes from the weights, and the classifier is new, sized to `num_classes`.
+    comes from the weights, and the classifier is new, sized to `num_classes`. `image_size`: the input side,
+    for timm models built for one (ViTs: timm resamples pretrained position embeddings to it).
     """
     if name in BUILTIN_MODELS:
         if pretrained and pretrained_file is None:
@@ -146,11 +148,25 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, pretrained: boo
         raise UsageError(
             f"--model {name!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a timm model name"
         )
+    create = partial(_timm_create, image_size=image_size)
     if pretrained_file is not None:
-        return _timm_from_file(name, num_classes, in_chans, pretrained_file)
+        return _timm_from_file(name, num_classes, in_chans, pretrained_file, create)
     if pretrained:
-        return _timm_from_hub(name, num_classes, in_chans)
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+        return _timm_from_hub(name, num_classes, in_chans, create)
+    return create(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+
+
+def _timm_create(name: str, image_size: Optional[int] = None, **kwargs) -> nn.Module:
+    """timm.create_model, built for `image_size` when that is not the model's own and the model takes an
+    img_size (ViTs and the like; a convnet takes any size and refuses the argument before loading anything)."""
+    cfg = get_pretrained_cfg(name)
+    if image_size is not None and (cfg is None or tuple(cfg.input_size[-2:]) != (image_size, image_size)):
+        try:
+            return timm.create_model(name, img_size=image_size, **kwargs)
+        except TypeError as e:
+            if "img_size" not in str(e):
+                raise
+    return timm.create_model(name, **kwargs)
 
 
 # Pretrained weights. Nothing unpickles code: timm 1.0.31 reads a `pretrained_cfg_overlay=dict(file=...)` with
@@ -235,7 +251,7 @@ def _load_builtin(model: nn.Module, name: str, path: str) -> None:
         raise UsageError(_wrong_weights(path, name, e)) from None
 
 
-def _timm_from_file(name: str, num_classes: int, in_chans: int, path: str) -> nn.Module:
+def _timm_from_file(name: str, num_classes: int, in_chans: int, path: str, create=timm.create_model) -> nn.Module:
     """timm's model with the file's weights loaded strictly, then a new classifier.
 
     timm drops a classifier whose class count differs from its config's and then loads non-strictly: a file
@@ -257,14 +273,14 @@ def _timm_from_file(name: str, num_classes: int, in_chans: int, path: str) -> nn
     head_classes = num_classes if heads else 0
     overlay = dict(state_dict=state_dict, num_classes=head_classes, label_offset=0)
     try:
-        model = timm.create_model(name, pretrained=True, num_classes=head_classes, in_chans=in_chans,
-                                  pretrained_cfg_overlay=overlay)
+        model = create(name, pretrained=True, num_classes=head_classes, in_chans=in_chans,
+                       pretrained_cfg_overlay=overlay)
     except Exception as e:  # missing, unexpected or misshapen tensors (load_state_dict), or the model's filter
         raise UsageError(_wrong_weights(path, name, e)) from None
     return _new_classifier(model, num_classes)
 
 
-def _timm_from_hub(name: str, num_classes: int, in_chans: int) -> nn.Module:
+def _timm_from_hub(name: str, num_classes: int, in_chans: int, create=timm.create_model) -> nn.Module:
     """timm's own pretrained weights (Hugging Face cache or download), then a new classifier."""
     cfg = get_pretrained_cfg(name)
     if not is_model_pretrained(name) or cfg is None or not (cfg.hf_hub_id or cfg.url):
@@ -272,7 +288,7 @@ def _timm_from_hub(name: str, num_classes: int, in_chans: int) -> nn.Module:
                          "(timm.list_pretrained() lists the models that have); give a weights file with "
                          "--pretrained_file PATH, or train from random init without --pretrained")
     try:
-        model = timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans)
+        model = create(name, pretrained=True, num_classes=num_classes, in_chans=in_chans)
     except Exception as e:
         if not _is_download_error(e):
             raise

@@ -86,7 +86,7 @@ def load_run_model(model_dir: str, device: torch.device) -> RunModel:
     weights = os.path.join(model_dir, "model.safetensors")
     if not os.path.isfile(weights):
         raise UsageError(f"--model_dir {model_dir!r}: no model.safetensors (a run writes it when training ends)")
-    model = create_model(architecture, num_classes, in_chans=input_size[0])
+    model = create_model(architecture, num_classes, in_chans=input_size[0], image_size=int(input_size[-1]))
     try:
         model.load_state_dict(load_file(weights))
     except Exception as e:  # a truncated file, or weights of another model

@@ -200,7 +200,7 @@ def setup_run(start: Start) -> Run:
         accelerator.print(note)
     set_seed(cfg.seed)
     rd = setup_data(cfg, sources, accelerator, resume_path if split_from_checkpoint else None, replacing)
-    model, optimizer, scheduler, loaders = setup_model(cfg, accelerator, rd)
+    model, optimizer, scheduler, loaders = setup_model(cfg, accelerator, rd, resuming=resume_path is not None)
     live_model = accelerator.unwrap_model(model)
     ema = ModelEMA(live_model, cfg.ema_decay)
     ema.module.to(accelerator.device)  # the EMA copy is never prepared: it is evaluated and saved as it is
@@ -313,10 +313,15 @@ def setup_objective(cfg: TrainConfig, rd: RunData, accelerator):
                            num_unlabeled=data.num_train - excluded, collectives=step_collectives(accelerator))
 
 
-def setup_model(cfg: TrainConfig, accelerator, rd: RunData):
-    """The model (in its memory layout), optimizer and schedule, prepared with the DataLoaders."""
-    model = create_model(cfg.model, rd.data.num_classes, pretrained=cfg.pretrained or cfg.pretrained_file is not None,
-                         pretrained_file=cfg.pretrained_file)
+def setup_model(cfg: TrainConfig, accelerator, rd: RunData, resuming: bool):
+    """The model (in its memory layout), optimizer and schedule, prepared with the DataLoaders.
+
+    A resumed run's weights come from its checkpoint: the pretrained ones are not read again.
+    """
+    pretrained = not resuming and (cfg.pretrained or cfg.pretrained_file is not None)
+    model = create_model(cfg.model, rd.data.num_classes, pretrained=pretrained,
+                         pretrained_file=cfg.pretrained_file if pretrained else None,
+                         image_size=rd.resolved.image_size)
     if rd.resolved.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimizer(cfg, model, accelerator.device)

@@ -139,3 +139,16 @@ def test_images_reach_a_pretrained_model_at_its_input_size_in_both_augmentation_
     assert cfg["pretrained_cfg"]["interpolation"] == ("bicubic" if enlarged else "bilinear")
     assert (cfg["resolved"]["load_size"], cfg["resolved"]["crop_padding"]) == ((8 if enlarged else 176), 22)
     assert cfg["resolved"]["normalization"] == "model"
+
+
+def test_a_vit_is_built_for_the_image_size_and_its_pretrained_position_embeddings_resampled(tmp_path):
+    from safetensors.torch import save_file
+
+    from fixmatch_accel.models import create_model
+
+    weights = tmp_path / "vit.safetensors"
+    save_file(timm.create_model("vit_tiny_patch16_224", num_classes=5).state_dict(), str(weights))  # at 224 px
+    model = create_model("vit_tiny_patch16_224", 3, pretrained_file=str(weights), image_size=32)
+    assert model.pos_embed.shape == (1, 1 + (32 // 16) ** 2, 192)  # 2 x 2 patches and the class token
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+    assert create_model("resnet10t", 3, image_size=32).eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 3)  # no img_size
