@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import difflib
 import math
-import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -61,7 +60,7 @@ class TrainConfig:
     max_bad_image_fraction: float = _f(0.01, "Unreadable images are skipped and counted; the run stops when more than this fraction of the images read were bad.")
 
     # Model
-    model: str = _f("wrn28_2", "wrn28_2, wrn28_8, wrn37_2, small_cnn, or any timm model name (random init).")
+    model: str = _f("wrn28_2", "wrn28_2, wrn28_8, wrn37_2, small_cnn, or any timm model name (random init unless --pretrained).")
     pretrained: bool = _f(False, "Start from timm's pretrained weights for --model (downloaded or from the HF cache); the classifier is new, sized to the dataset's classes.")
     pretrained_file: Optional[str] = _f(None, "Load the pretrained weights from this local .safetensors or weights-only torch file (implies --pretrained; for machines without hub access).")
 
@@ -445,8 +444,6 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--image_size must be at least 4, got {cfg.image_size}")
     if cfg.pretrained and cfg.pretrained_file is None and cfg.model in BUILTIN_MODEL_NAMES:
         raise UsageError(builtin_without_weights(cfg.model))
-    if cfg.pretrained_file is not None and not os.path.isfile(cfg.pretrained_file):
-        raise UsageError(f"--pretrained_file {cfg.pretrained_file!r}: no such file")
 
 
 # Decoded train splits under this size are kept in memory by default (--cache_decoded).

@@ -29,6 +29,9 @@ def check_start(cfg: TrainConfig, sources: Dict[str, str]) -> Start:
                      f"--resume_from_checkpoint auto: no checkpoint in {cfg.output_dir}/checkpoints, "
                      "starting a new run")
     replacing = check_output_dir(cfg, resume_path)
+    # A resumed run's weights are its checkpoint's: the pretrained file may be gone by then.
+    if resume_path is None and cfg.pretrained_file is not None and not os.path.isfile(cfg.pretrained_file):
+        raise UsageError(f"--pretrained_file {cfg.pretrained_file!r}: no such file")
     if resume_path is not None:
         at, saved = saved_step(resume_path), saved_settings(resume_path)
         if saved is not None:

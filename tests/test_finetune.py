@@ -152,3 +152,33 @@ def test_a_vit_is_built_for_the_image_size_and_its_pretrained_position_embedding
     assert model.pos_embed.shape == (1, 1 + (32 // 16) ** 2, 192)  # 2 x 2 patches and the class token
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
     assert create_model("resnet10t", 3, image_size=32).eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 3)  # no img_size
+
+
+def test_a_pretrained_vit_run_with_fine_tuning_defaults_resumes_exactly(tmp_path):
+    """AdamW, layer decay and warm-up (the pretrained defaults) through a checkpoint: the resumed steps log the
+    uninterrupted run's losses, and the pretrained file is not needed again."""
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "vit.safetensors"
+    save_file(timm.create_model("vit_tiny_patch16_224", num_classes=5).state_dict(), str(weights))
+    args = [a for a in TINY_DIGITS if a not in ("--image_size", "8")] + [
+        "--model", "vit_tiny_patch16_224", "--pretrained_file", weights, "--image_size", 32,
+        "--augment_device", "accelerator", "--max_train_steps", 6, "--logging_steps", 1, "--eval_steps", 0,
+        "--checkpointing_steps", 3, "--warmup_steps", 2]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    result = run_train(args + ["--output_dir", straight])
+    check_ok(result)
+    assert "fine-tuning defaults: --optimizer adamw, --learning_rate 0.0005, --layer_decay 0.65" in result.stdout
+    cfg = json.loads((straight / "config.json").read_text())
+    assert cfg["setting_sources"]["optimizer"] == "pretrained" and cfg["settings"]["warmup_steps"] == 2
+    weights.unlink()  # a resumed run's weights are its checkpoint's
+    check_ok(run_train(args + ["--output_dir", resumed, "--resume_from_checkpoint",
+                               straight / "checkpoints" / "step_3"]))
+
+    def losses(out):
+        return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r}
+
+    assert losses(resumed) == pytest.approx({s: v for s, v in losses(straight).items() if s > 3}, rel=1e-6)
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -177,9 +177,12 @@ def test_a_pickle_with_code_is_refused_and_never_run(tmp_path, source, how):
 
 
 def test_config_checks_the_flags_before_any_work(tmp_path):
+    from fixmatch_accel.preflight import check_start
+
+    missing = parse_args(["--dataset_name", "digits", "--model", "resnet10t", "--output_dir", str(tmp_path / "run"),
+                          "--pretrained_file", str(tmp_path / "nowhere.safetensors")])
     with pytest.raises(UsageError, match=r"^--pretrained_file '.*nowhere\.safetensors': no such file$"):
-        parse_args(["--dataset_name", "digits", "--model", "resnet10t",
-                    "--pretrained_file", str(tmp_path / "nowhere.safetensors")])
+        check_start(*missing)  # before any data is read (a resumed run does not need the file)
     with pytest.raises(UsageError, match="the built-in --model wrn28_2 has no pretrained weights"):
         parse_args(["--dataset_name", "digits", "--pretrained"])
     path = save({"w": torch.zeros(1)}, tmp_path / "w.safetensors")
