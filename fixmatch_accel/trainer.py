@@ -33,9 +33,10 @@ from .ema import ModelEMA
 from .errors import UsageError
 from .evaluate import Evaluator
 from .launch import make_accelerator, step_collectives
-from .models import create_model, pretrained_preprocessing
+from .models import create_model
 from .optim import build_optimizer, schedule_at
 from .preflight import Start, check_start
+from .pretrained import pretrained_preprocessing
 from .runlog import RunLog, trackers, write_run_config
 from .step import TrainStep, build_objective, model_inputs
 from .stop import StopSignal, all_finite, finite_weights, nonfinite
