@@ -302,7 +302,7 @@ KEPT_ON_RESUME = {"learning_rate": "the optimizer and schedule state", "momentum
                   "seed": "the data order, augmentation and statistics"}
 # Where this invocation writes and how it was configured: never compared (the labeled split has its own rule).
 NOT_COMPARED = ("resume_from_checkpoint", "output_dir", "overwrite_output_dir", "config", "preset",
-                "labeled_split_file", "num_labeled", "report_to", "dataloader_num_workers", "ddp_timeout")
+                "labeled_split_file", "num_labeled", "report_to", "plots", "dataloader_num_workers", "ddp_timeout")
 
 
 def reconcile_resume(cfg, sources: Dict[str, str], path: str, saved: Dict, step: int):

@@ -107,6 +107,7 @@ class TrainConfig:
     resume_from_checkpoint: Optional[str] = _f(None, "Checkpoint folder to resume from; 'latest' (newest in output_dir/checkpoints); or 'auto': resume from the newest when there is one, else start (one command for preemptible jobs). A resumed run keeps its checkpoint's model, data, batch shape, optimizer settings and seed; other settings given now take effect, with a note.")
     output_dir: str = _f("outputs/fixmatch", "Where the run writes config.json, metrics.jsonl, checkpoints and the model.")
     overwrite_output_dir: bool = _f(False, "Start a new run in an output_dir that holds another run; its files are moved into OUTPUT_DIR/replaced_<time>/ (nothing is deleted).")
+    plots: bool = _f(True, "Draw training_curves.png and per_class.png when the run ends (fixmatch-plot OUTPUT_DIR draws them at any time).")
     report_to: str = _f("none", "Trackers for accelerate (tensorboard, wandb, ..., all) besides metrics.jsonl; 'none' for none.")
     ddp_timeout: int = _f(1800, "Seconds a process waits for the others in a collective before failing: how long the other machines wait for one that hangs or drops off the network (a crashed one is noticed at once); transformers' name and default.")
     seed: int = _f(0, "Seed for the labeled split, initialisation, data order and augmentation.")

@@ -177,9 +177,10 @@ def finish(run: Run) -> Dict:
                    dict(result, step=state.step, eval_split=data.eval_split,
                         per_class=dict(zip(data.class_names, result["per_class"])),
                         skipped_train_images=skipped_train))
-        from .plot import write_plots
+        if cfg.plots:
+            from .plot import write_plots
 
-        write_plots(cfg.output_dir)  # training_curves.png, per_class.png
+            write_plots(cfg.output_dir)  # training_curves.png, per_class.png
     accelerator.end_training()
     accelerator.print(f"final EMA model: top-1 {result['top1']:.2f}%  {run.top_k} {result['top5']:.2f}% "
                       f"on {result['num_eval']} {data.eval_split} images -> {cfg.output_dir}")

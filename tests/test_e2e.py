@@ -15,7 +15,8 @@ from fixmatch_accel.models import create_model
 
 TINY_DIGITS = ["--dataset_name", "digits", "--model", "small_cnn", "--image_size", "8", "--num_labeled", "20",
                "--per_device_train_batch_size", "4", "--mu", "2", "--dataloader_num_workers", "0",
-               "--logging_steps", "2", "--eval_steps", "4", "--checkpointing_steps", "3", "--max_eval_samples", "64"]
+               "--logging_steps", "2", "--eval_steps", "4", "--checkpointing_steps", "3", "--max_eval_samples", "64",
+               "--no-plots"]  # the plots cost ~2 s a run: drawn in the tests that look at them
 
 
 def read_metrics(out: Path):
@@ -29,8 +30,10 @@ def check_ok(result):
 
 def test_tiny_digits_run_leaves_everything(tmp_path):
     out = tmp_path / "run"
-    result = run_train(TINY_DIGITS + ["--max_train_steps", "6", "--output_dir", out, "--augment_device", "accelerator"])
+    result = run_train([a for a in TINY_DIGITS if a != "--no-plots"] +
+                       ["--max_train_steps", "6", "--output_dir", out, "--augment_device", "accelerator"])
     check_ok(result)
+    assert (out / "training_curves.png").is_file() and (out / "per_class.png").is_file()
     assert "final EMA model: top-1" in result.stdout
     per_class = next(line for line in result.stdout.splitlines() if line.startswith("per class top-1: "))
     assert per_class.count(",") == 9 and per_class.split(": ", 1)[1].startswith("0 ")

@@ -221,7 +221,8 @@ def mixed_folders(tmp_path_factory):
 
 
 MIXED = ["--model", "small_cnn", "--num_labeled", "6", "--per_device_train_batch_size", "3", "--mu", "6",
-         "--max_train_steps", "12", "--logging_steps", "4", "--checkpointing_steps", "0", "--eval_steps", "0"]
+         "--max_train_steps", "12", "--logging_steps", "4", "--checkpointing_steps", "0", "--eval_steps", "0",
+         "--no-plots"]
 
 
 @pytest.mark.parametrize("extra", [

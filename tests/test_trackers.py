@@ -33,6 +33,7 @@ def test_tensorboard_gets_the_scalars_of_metrics_jsonl(tmp_path):
     check_ok(run_train(TINY_DIGITS + ["--max_train_steps", 4, "--output_dir", out, "--report_to", "tensorboard"]))
     files = sorted((out / "fixmatch").glob("events.out.tfevents.*"))
     assert files, list(out.rglob("*"))
+    assert "--no-plots" in TINY_DIGITS and not list(out.glob("*.png"))
     scalars = read_events(files[0])
     train_rows, eval_rows = read_metrics(out)
     for row in train_rows:

@@ -9,7 +9,7 @@ from PIL import Image
 
 TINY = ["--model", "small_cnn", "--image_size", "8", "--per_device_train_batch_size", "3", "--mu", "2",
         "--max_train_steps", "2", "--logging_steps", "1", "--checkpointing_steps", "0",
-        "--dataloader_num_workers", "0"]
+        "--dataloader_num_workers", "0", "--no-plots"]
 
 
 def check_ok(result):

@@ -4,18 +4,21 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import run_train, write_image_folder
 from PIL import Image
 
-from fixmatch_accel.config import TrainConfig
+from fixmatch_accel.config import TrainConfig, parse_args
 from fixmatch_accel.data import labeled_split, load_data
+from fixmatch_accel.errors import UsageError
+from fixmatch_accel.preflight import check_start
 
 TINY_DIGITS = ["--dataset_name", "digits", "--model", "small_cnn", "--image_size", "8", "--num_labeled", "20",
                "--per_device_train_batch_size", "4", "--mu", "2", "--dataloader_num_workers", "0",
-               "--logging_steps", "1", "--eval_steps", "0", "--max_eval_samples", "32"]
+               "--logging_steps", "1", "--eval_steps", "0", "--max_eval_samples", "32", "--no-plots"]
 FOLDER_RUN = ["--model", "small_cnn", "--image_size", "8", "--per_device_train_batch_size", "2", "--mu", "2",
               "--dataloader_num_workers", "0", "--max_train_steps", "2", "--eval_steps", "0",
-              "--checkpointing_steps", "0", "--augment_device", "accelerator"]
+              "--checkpointing_steps", "0", "--augment_device", "accelerator", "--no-plots"]
 
 
 def rows(out: Path):
@@ -78,12 +81,15 @@ def test_resume_keeps_refuses_or_applies_changed_settings(tmp_path):
     first = run_train(TINY_DIGITS + ["--max_train_steps", "6", "--checkpointing_steps", "3", "--output_dir", out])
     assert first.returncode == 0, first.stderr[-2000:]
     step_3 = out / "checkpoints" / "step_3"
-    for flag, value in (("--per_device_train_batch_size", "8"), ("--mu", "3"), ("--model", "wrn28_2")):
-        refused = run_train(TINY_DIGITS + ["--max_train_steps", "6", "--output_dir", out,
-                                           "--resume_from_checkpoint", step_3, flag, value])
-        error = lines(refused, "fixmatch-train: error:")
-        assert refused.returncode == 2 and len(error) == 1, refused.stderr[-2000:]
-        assert f"{flag} " in error[0] and "cannot change" in error[0]
+    for flag, value in (("--per_device_train_batch_size", "8"), ("--mu", "3")):  # refused before any data is read
+        with pytest.raises(UsageError, match=f"cannot load it with {flag} {value}: .* cannot change"):
+            check_start(*parse_args(TINY_DIGITS + ["--max_train_steps", "6", "--output_dir", str(out),
+                                                   "--resume_from_checkpoint", str(step_3), flag, value]))
+    refused = run_train(TINY_DIGITS + ["--max_train_steps", "6", "--output_dir", out,
+                                       "--resume_from_checkpoint", step_3, "--model", "wrn28_2"])
+    error = lines(refused, "fixmatch-train: error:")  # one line from the command
+    assert refused.returncode == 2 and len(error) == 1, refused.stderr[-2000:]
+    assert "--model " in error[0] and "cannot change" in error[0]
     assert "was trained with --model 'small_cnn'" in error[0]  # names the checkpoint's model and the one asked for
     resumed = run_train(TINY_DIGITS + ["--output_dir", out, "--resume_from_checkpoint", step_3,
                                        "--max_train_steps", "8", "--learning_rate", "0.1", "--seed", "5",
