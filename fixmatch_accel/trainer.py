@@ -26,7 +26,7 @@ from .data import (
     save_labeled_split,
     stats_rows,
 )
-from .data.images import sampled_channel_stats
+from .data.images import sampled_channel_stats, unreadable_in_sample
 from .data.pipeline import BadImages, build_loaders, decode_cache, endless, num_workers
 from .data.streaming import StreamLoader
 from .ema import ModelEMA
@@ -287,9 +287,11 @@ def setup_data(cfg: TrainConfig, sources: Dict[str, str], accelerator, split_che
     resolved = resolve(cfg, device_type=accelerator.device.type, num_train=data.num_train, streaming=data.streaming,
                        dataset_image_size=lambda: default_image_size(sizes()), model_data=model_data,
                        dataset_native_size=lambda: max(next(iter(sizes()))) if len(sizes()) == 1 else None)
-    mean, std, bad_sampled = sampled_channel_stats(stats_source, data.image_column, resolved.load_size, rows)
-    if model_data is not None:  # the statistics the pretrained weights were trained with
+    if model_data is None:
+        mean, std, bad_sampled = sampled_channel_stats(stats_source, data.image_column, resolved.load_size, rows)
+    else:  # the statistics the pretrained weights were trained with; the sample is only checked for bad images
         mean, std = model_data["mean"], model_data["std"]
+        bad_sampled = unreadable_in_sample(stats_source, data.image_column, rows)
     bad_images = BadImages(cfg, data, accelerator.print)  # only training reads count towards the budget
     bad_images.read(labeled_idx, bad_labeled)
     if not data.streaming:  # a stream's sample is its (readable) labeled examples

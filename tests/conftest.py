@@ -18,6 +18,20 @@ def run_train(args, cwd=None, env=None, timeout=600, launcher=None):
     return subprocess.run(cmd, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_refused(commands, workdir: Path):
+    """Several train.py command lines that should each stop with an input error, run in one fresh process
+    (tests/refused_commands.py: ~5 s of imports once, not per command); a result per command."""
+    import json
+    from types import SimpleNamespace
+
+    cases = workdir / "refused_commands.json"
+    cases.write_text(json.dumps([list(map(str, args)) for args in commands]))
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "refused_commands.py"), str(cases)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [SimpleNamespace(**r) for r in json.loads((workdir / "refused_commands.json.out.json").read_text())]
+
+
 def write_image_folder(root: Path, classes=("cat", "dog", "frog"), per_class=8, size=12, seed=0):
     """A tiny image folder; each class has its own mean colour so a model can learn it."""
     rng = np.random.default_rng(seed)

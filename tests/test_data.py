@@ -319,3 +319,32 @@ def test_nested_class_folders_are_refused_naming_one_path(tmp_path, layout, foun
         load_data(TrainConfig(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "val")))
     with pytest.raises(UsageError, match=r"^--validation_dir '.*train': images must sit directly"):
         load_data(TrainConfig(train_dir=str(tmp_path / "val"), validation_dir=str(tmp_path / "train")))
+
+
+def test_channel_stats_are_the_sampled_pixels_mean_and_std_and_leave_out_bad_images():
+    """A black and a white image: every channel has mean 0.5 and (population) std 0.5; a corrupt file is listed,
+    not counted. With random images, numpy's mean and std over the stacked pixels."""
+    import io
+
+    from datasets import Dataset
+    from PIL import Image
+
+    from fixmatch_accel.data.images import sampled_channel_stats, unreadable_in_sample
+
+    def png(array):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    black, white = np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 255, np.uint8)
+    rows = Dataset.from_dict({"img": [png(black), {"bytes": b"not an image", "path": None}, png(white)]})
+    mean, std, bad = sampled_channel_stats(rows, "img", 4, rows=[0, 1, 2])
+    assert mean == pytest.approx([0.5] * 3) and std == pytest.approx([0.5] * 3)
+    assert [(row, name) for row, name, _ in bad] == [(1, "row 1")]
+    assert [row for row, _, _ in unreadable_in_sample(rows, "img", [0, 1, 2])] == [1]
+
+    images = np.random.default_rng(0).integers(0, 256, (5, 6, 6, 3), dtype=np.uint8)
+    mean, std, _ = sampled_channel_stats(Dataset.from_dict({"img": [png(a) for a in images]}), "img", 6, rows=range(5))
+    pixels = images.astype(np.float64) / 255.0
+    assert mean == pytest.approx(pixels.mean(axis=(0, 1, 2)), abs=1e-12)
+    assert std == pytest.approx(pixels.std(axis=(0, 1, 2)), abs=1e-12)

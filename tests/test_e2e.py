@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_train, write_image_folder
+from conftest import ROOT, run_refused, run_train, write_image_folder
 from safetensors.torch import load_file
 
+from fixmatch_accel.config import parse_args
+from fixmatch_accel.errors import UsageError
 from fixmatch_accel.models import create_model
+from fixmatch_accel.preflight import check_start
 
 TINY_DIGITS = ["--dataset_name", "digits", "--model", "small_cnn", "--image_size", "8", "--num_labeled", "20",
                "--per_device_train_batch_size", "4", "--mu", "2", "--dataloader_num_workers", "0",
@@ -92,8 +95,8 @@ def test_resume_continues_and_refuses_to_clobber(tmp_path):
     out = tmp_path / "run"
     check_ok(run_train(TINY_DIGITS + ["--max_train_steps", "4", "--output_dir", out, "--no-cache_decoded"]))
     assert json.loads((out / "config.json").read_text())["resolved"]["cache_decoded"] is False
-    again = run_train(TINY_DIGITS + ["--max_train_steps", "8", "--output_dir", out])
-    assert again.returncode == 2 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
+    with pytest.raises(UsageError, match="already holds a run"):  # refused before any data is read
+        check_start(*parse_args(list(map(str, TINY_DIGITS + ["--max_train_steps", "8", "--output_dir", out]))))
     resumed = run_train(TINY_DIGITS + ["--max_train_steps", "8", "--output_dir", out,
                                        "--resume_from_checkpoint", "latest"])
     check_ok(resumed)
@@ -164,7 +167,7 @@ def test_image_folder_with_a_timm_model(tmp_path):
     model.load_state_dict(load_file(out / "model.safetensors"))
 
 
-@pytest.mark.parametrize("extra, message", [
+BAD_INPUT = [
     (["--dataset_name", "/nonexistent/dataset"], "--dataset_name '/nonexistent/dataset': no such folder"),
     (["--image_column_name", "pixels"], "--image_column_name 'pixels': no such column"),
     (["--num_labeled", "15"], "--num_labeled 15 is not a multiple of the number of classes (10)"),
@@ -173,11 +176,21 @@ def test_image_folder_with_a_timm_model(tmp_path):
     (["--strong_augment", "rand-zz"], "--strong_augment"),
     (["--crop_padding", "8"], "--crop_padding 8 must be smaller than the image side (8 px)"),
     (["--augment_device", "cpu", "--cache_decoded"], "--cache_decoded needs --augment_device accelerator"),
-    pytest.param(["--mixed_precision", "fp16"], "--mixed_precision fp16 does not run on a CPU",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="runs on the GPU")),
-])
-def test_bad_input_is_one_clear_line(tmp_path, extra, message):
-    result = run_train(TINY_DIGITS + ["--output_dir", tmp_path / "run", "--max_train_steps", "1"] + extra)
+] + ([] if torch.cuda.is_available() else
+      [(["--mixed_precision", "fp16"], "--mixed_precision fp16 does not run on a CPU")])
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(tmp_path_factory):
+    """Every BAD_INPUT command, run in one process."""
+    tmp = tmp_path_factory.mktemp("bad_input")
+    return run_refused([TINY_DIGITS + ["--output_dir", tmp / f"run{i}", "--max_train_steps", "1"] + extra
+                        for i, (extra, _) in enumerate(BAD_INPUT)], tmp)
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[message for _, message in BAD_INPUT])
+def test_bad_input_is_one_clear_line(bad_input_results, case):
+    result, message = bad_input_results[case], BAD_INPUT[case][1]
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("fixmatch-train: error:")]

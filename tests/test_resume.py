@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_train
+from conftest import ROOT, run_refused, run_train
 from safetensors.torch import load_file
 from test_e2e import TINY_DIGITS, check_ok
 
@@ -146,42 +146,74 @@ def finished(finished_once, tmp_path):
     return shutil.copytree(finished_once, tmp_path / "run")
 
 
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def truncate(name, keep):
+    def damage(checkpoint: Path):
+        (checkpoint / name).write_bytes((checkpoint / name).read_bytes()[:keep])
+    return damage
+
+
+def write_code_carrying_pickle(checkpoint: Path):
+    with open(checkpoint / "random_states_0.pkl", "wb") as f:
+        pickle.dump({"x": Payload(checkpoint.parent.parent / "pwned")}, f)
+
+
+# Each case: what is done to a copy of a finished run's checkpoint step_2, the flags of the resume, and what its
+# one-line error says.
+REFUSED_RESUMES = {
+    "truncated model.safetensors": (truncate("model.safetensors", 100), [],
+                                    ["step_2", "cannot read model.safetensors"]),
+    "truncated optimizer.bin": (truncate("optimizer.bin", 0), [], ["step_2", "cannot read optimizer.bin"]),
+    # not --labeled_split_file: the checkpoint's own split is broken
+    "truncated labeled_split.json": (truncate("labeled_split.json", 20), [],
+                                     ["step_2", "its labeled_split.json: not a labeled_split.json"]),
+    "missing model.safetensors": (lambda c: (c / "model.safetensors").unlink(), [],
+                                  ["cannot load it (missing model.safetensors)"]),
+    "another model": (None, ["--model", "resnet10t"], ["cannot load"]),
+    # never redrawn from today's flags
+    "no labeled_split.json": (lambda c: (c / "labeled_split.json").unlink(), [],
+                              ["step_2", "has no labeled_split.json"]),
+    "past --max_train_steps": (None, ["--max_train_steps", 1], ["is at step 2, past --max_train_steps 1"]),
+    "a pickle that runs code": (write_code_carrying_pickle, [], ["cannot read random_states_0.pkl"]),
+}
+
+
+@pytest.fixture(scope="module")
+def refused_resumes(finished_once, tmp_path_factory):
+    """Every REFUSED_RESUMES case on its own copy of the finished run, resumed in one process: (result, run)."""
+    tmp, commands, runs = tmp_path_factory.mktemp("refused"), [], []
+    for i, (damage, flags, _) in enumerate(REFUSED_RESUMES.values()):
+        run = shutil.copytree(finished_once, tmp / f"run{i}")
+        if damage is not None:
+            damage(run / "checkpoints" / "step_2")
+        commands.append(QUICK + ["--max_train_steps", 4, "--output_dir", run, "--resume_from_checkpoint", "latest",
+                                 *flags])
+        runs.append(run)
+    return dict(zip(REFUSED_RESUMES, zip(run_refused(commands, tmp), runs)))
+
+
+@pytest.mark.parametrize("case", list(REFUSED_RESUMES))
+def test_a_damaged_or_mismatched_checkpoint_is_one_line_naming_it(refused_resumes, case):
+    result, run = refused_resumes[case]
+    assert_one_line_error(result, "--resume_from_checkpoint", *REFUSED_RESUMES[case][2])
+    assert "--labeled_split_file" not in result.stderr or case == "no labeled_split.json"
+    if case == "a pickle that runs code":
+        assert not (run / "pwned").exists()
+        assert (run / "checkpoints" / "step_2" / "random_states_0.pkl").exists()  # nothing deleted
+
+
 def assert_one_line_error(result, *fragments):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("fixmatch-train: error:")]
     assert len(lines) == 1 and all(f in lines[0] for f in fragments), result.stderr[-2000:]
-
-
-@pytest.mark.parametrize("name, keep, said", [
-    ("model.safetensors", 100, "cannot read model.safetensors"),
-    ("optimizer.bin", 0, "cannot read optimizer.bin"),
-    ("labeled_split.json", 20, "its labeled_split.json: not a labeled_split.json"),  # not --labeled_split_file
-])
-def test_truncated_checkpoint_file_is_named(finished, name, keep, said):
-    damaged = finished / "checkpoints" / "step_2" / name
-    damaged.write_bytes(damaged.read_bytes()[:keep])
-    result = run_train(QUICK + ["--max_train_steps", 4, "--output_dir", finished, "--resume_from_checkpoint", "latest"])
-    assert_one_line_error(result, "--resume_from_checkpoint", "step_2", said)
-    assert "--labeled_split_file" not in result.stderr
-
-
-def test_a_missing_checkpoint_file_is_named(finished):
-    (finished / "checkpoints" / "step_2" / "model.safetensors").unlink()
-    result = run_train(QUICK + ["--max_train_steps", 4, "--output_dir", finished, "--resume_from_checkpoint", "latest"])
-    assert_one_line_error(result, "--resume_from_checkpoint", "cannot load it (missing model.safetensors)")
-
-
-def test_checkpoint_of_another_model_is_a_clear_error(finished):
-    result = run_train(QUICK + ["--max_train_steps", 4, "--output_dir", finished, "--resume_from_checkpoint", "latest",
-                                "--model", "resnet10t"])
-    assert_one_line_error(result, "--resume_from_checkpoint", "cannot load")
-
-
-def test_a_checkpoint_without_its_labeled_split_is_a_clear_error(finished):
-    (finished / "checkpoints" / "step_2" / "labeled_split.json").unlink()  # never redrawn from today's flags
-    result = run_train(QUICK + ["--max_train_steps", 4, "--output_dir", finished, "--resume_from_checkpoint", "latest"])
-    assert_one_line_error(result, "--resume_from_checkpoint", "step_2", "has no labeled_split.json")
 
 
 def test_only_an_own_checkpoint_continues_the_run_in_output_dir(finished, tmp_path):
@@ -207,29 +239,6 @@ def test_only_an_own_checkpoint_continues_the_run_in_output_dir(finished, tmp_pa
     (finished / "checkpoints" / "step_9").mkdir()  # an empty step folder is the newest
     with pytest.raises(UsageError, match="step_9': not a checkpoint"):
         resolve_resume(TrainConfig(output_dir=str(finished), resume_from_checkpoint="latest"))
-
-
-def test_resuming_past_max_train_steps_is_a_clear_error(finished):
-    result = run_train(QUICK + ["--max_train_steps", 1, "--output_dir", finished, "--resume_from_checkpoint", "latest"])
-    assert_one_line_error(result, "--resume_from_checkpoint", "is at step 2, past --max_train_steps 1")
-
-
-class Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def test_a_pickle_that_runs_code_is_refused(finished, tmp_path):
-    marker = tmp_path / "pwned"
-    with open(finished / "checkpoints" / "step_2" / "random_states_0.pkl", "wb") as f:
-        pickle.dump({"x": Payload(marker)}, f)
-    result = run_train(QUICK + ["--max_train_steps", 4, "--output_dir", finished, "--resume_from_checkpoint", "latest"])
-    assert_one_line_error(result, "--resume_from_checkpoint", "cannot read random_states_0.pkl")
-    assert not marker.exists()
-    assert (finished / "checkpoints" / "step_2" / "random_states_0.pkl").exists()  # nothing deleted
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
