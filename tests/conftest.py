@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,19 @@ def run_train(args, cwd=None, env=None, timeout=600, launcher=None):
     cmd = (launcher or [sys.executable]) + [str(ROOT / "train.py"), *map(str, args)]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run(cmd, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch():
+    """`accelerate launch` of two gloo processes on this host's CPUs, on a port of their own (tests run side by
+    side under pytest-xdist: accelerate's default port would be taken)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "launch_configs" / "multi_cpu.yaml"), "--main_process_port", str(free_port())]
 
 
 def run_refused(commands, workdir: Path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_refused, run_train, write_image_folder
+from conftest import ROOT, accelerate_launch, run_refused, run_train, write_image_folder
 from safetensors.torch import load_file
 
 from fixmatch_accel.config import parse_args
@@ -197,13 +197,9 @@ def test_bad_input_is_one_clear_line(bad_input_results, case):
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
 
 
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "launch_configs" / "multi_cpu.yaml")]
-
-
 def test_two_processes_shard_the_data(tmp_path):
     out = tmp_path / "ids"
-    cmd = ACCELERATE + [str(ROOT / "tests" / "loader_ids.py"), str(out), "--dataset_name", "digits",
+    cmd = accelerate_launch() + [str(ROOT / "tests" / "loader_ids.py"), str(out), "--dataset_name", "digits",
                         "--image_size", "8", "--per_device_train_batch_size", "4", "--mu", "4",
                         "--dataloader_num_workers", "0"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -224,7 +220,8 @@ def test_two_process_training_logs_global_statistics(tmp_path):
     prints = tmp_path / "fingerprints"
     prints.mkdir()
     result = run_train(TINY_DIGITS + ["--max_train_steps", "4", "--output_dir", out, "--threshold", "0"],
-                       launcher=ACCELERATE + [str(ROOT / "tests" / "ema_at_eval.py"), str(prints)], timeout=300)
+                       launcher=accelerate_launch() + [str(ROOT / "tests" / "ema_at_eval.py"), str(prints)],
+                       timeout=300)
     check_ok(result)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["global_batch"] == {"labeled": 8, "unlabeled": 16}

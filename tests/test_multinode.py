@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, free_port
 from safetensors.torch import load_file
 from test_e2e import TINY_DIGITS, check_ok, read_metrics
 
@@ -27,12 +26,6 @@ TRAIN = ROOT / "train.py"
 # One thread per process: two "machines" share this host's cores (torchrun sets it only for several local workers).
 # No GPU: on a host with one, both "machines" would take cuda:0, and NCCL refuses two ranks on one device.
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def machine(rank: int, port: int):

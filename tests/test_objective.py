@@ -1,16 +1,13 @@
 """The Objective: every algorithm behind one step function, its statistics exact across processes."""
 
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_train
+from conftest import ROOT, accelerate_launch, run_train
 
 from fixmatch_accel.algorithms.objective import Objective, load_state_tensors, state_tensors
 from fixmatch_accel.config import parse_args
 
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "launch_configs" / "multi_cpu.yaml")]
 # Linear in the samples: the mean of the two processes' losses is the loss of the whole batch.
 LINEAR = ("fixmatch-labeled", "flexmatch-none", "softmatch-uniform", "flexmatch-uniform")
 
@@ -18,8 +15,8 @@ LINEAR = ("fixmatch-labeled", "flexmatch-none", "softmatch-uniform", "flexmatch-
 def test_two_processes_hold_the_state_of_one_process_fed_both_batches(tmp_path):
     """Real gloo processes, the run's collectives, eager and compiled (fullgraph): after 4 steps each
     process's state equals one process's fed both halves, to float rounding (FlexMatch's labels exactly)."""
-    result = run_train([], launcher=ACCELERATE + [str(ROOT / "tests" / "objective_two_processes.py"), str(tmp_path)],
-                       timeout=300)
+    result = run_train([], launcher=accelerate_launch() + [str(ROOT / "tests" / "objective_two_processes.py"),
+                                                           str(tmp_path)], timeout=300)
     # run_train appends train.py's path: the script takes its output folder first and ignores the rest
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank_{r}.pt") for r in (0, 1)]

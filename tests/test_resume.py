@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_refused, run_train
+from conftest import ROOT, accelerate_launch, run_refused, run_train
 from safetensors.torch import load_file
 from test_e2e import TINY_DIGITS, check_ok
 
@@ -274,17 +274,15 @@ def test_one_nonfinite_step_is_skipped_and_counted_on_request(tmp_path):
 def test_two_process_resume_is_exact(tmp_path, streaming):
     import shutil
 
-    from test_e2e import ACCELERATE
-
     args = QUICK + ["--max_train_steps", 12, "--checkpointing_steps", 6] + (
         ["--streaming", "--max_train_samples", 200] if streaming else [])
     straight = tmp_path / "straight"
-    check_ok(run_train(args + ["--output_dir", straight], launcher=ACCELERATE, timeout=300))
+    check_ok(run_train(args + ["--output_dir", straight], launcher=accelerate_launch(), timeout=300))
     resumed = tmp_path / "resumed"
     shutil.copytree(straight, resumed)
     (resumed / "metrics.jsonl").write_text("")
     result = run_train(args + ["--output_dir", resumed, "--resume_from_checkpoint", resumed / "checkpoints" / "step_6"],
-                       launcher=ACCELERATE, timeout=300)
+                       launcher=accelerate_launch(), timeout=300)
     check_ok(result)
     after = losses(resumed)
     assert sorted(after) == list(range(7, 13))
@@ -341,11 +339,9 @@ def test_cpu_augmentation_resume_is_exact_whatever_the_worker_count(tmp_path, st
 
 def test_sigterm_to_a_two_process_launch_checkpoints_through_torchrun(tmp_path):
     """A preempted multi-process job: SIGTERM reaches accelerate launch, torchrun forwards it to both processes."""
-    from test_e2e import ACCELERATE
-
     out = tmp_path / "run"
     args = QUICK + ["--max_train_steps", 400, "--output_dir", out]
-    proc = subprocess.Popen([*ACCELERATE, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, text=True,
+    proc = subprocess.Popen([*accelerate_launch(), str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
         wait_for(lambda: (out / "metrics.jsonl").exists() and len(losses(out)) >= 3, proc, timeout=240)
@@ -360,7 +356,7 @@ def test_sigterm_to_a_two_process_launch_checkpoints_through_torchrun(tmp_path):
     assert {p.name for p in (out / "checkpoints" / f"step_{stopped_at}").glob("generator_*")} == \
         {"generator_0.safetensors", "generator_1.safetensors"}
     result = run_train(QUICK + ["--max_train_steps", stopped_at + 2, "--output_dir", out,
-                                "--resume_from_checkpoint", "latest"], launcher=ACCELERATE, timeout=300)
+                                "--resume_from_checkpoint", "latest"], launcher=accelerate_launch(), timeout=300)
     check_ok(result)
     assert max(losses(out)) == stopped_at + 2
 

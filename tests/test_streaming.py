@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_train, write_image_folder
+from conftest import ROOT, accelerate_launch, run_train, write_image_folder
 from PIL import Image
 
 from fixmatch_accel.config import TrainConfig
@@ -166,7 +166,7 @@ def test_two_processes_evaluate_the_first_max_eval_samples_rows(tmp_path):
 def test_two_processes_split_a_stream_exactly(tmp_path, parquet_dir):
     """Three shards over two processes with two workers each: disjoint, complete up to each worker's last batch."""
     out = tmp_path / "ids"
-    cmd = [*ACCELERATE, str(ROOT / "tests" / "loader_ids.py"), str(out), "--dataset_name", str(parquet_dir),
+    cmd = [*accelerate_launch(), str(ROOT / "tests" / "loader_ids.py"), str(out), "--dataset_name", str(parquet_dir),
            "--streaming", "--image_size", "8", "--num_labeled", "30", "--per_device_train_batch_size", "2",
            "--mu", "2", "--dataloader_num_workers", "2"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -182,8 +182,6 @@ def test_two_processes_split_a_stream_exactly(tmp_path, parquet_dir):
     assert set(ranks[0]["labeled"]) | set(ranks[1]["labeled"]) <= set(ranks[0]["labeled_idx"])
 
 
-ACCELERATE = [__import__("sys").executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "launch_configs" / "multi_cpu.yaml")]
 
 
 # ---- Any image, and bad ones.
