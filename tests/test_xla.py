@@ -41,7 +41,7 @@ def losses(out: Path):
 @pytest.fixture(scope="module")
 def xla_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("xla") / "run"
-    result = run_train(RUN + ["--output_dir", out], env=XLA)
+    result = run_train([a for a in RUN if a != "--no-plots"] + ["--output_dir", out], env=XLA)  # plots too
     check_ok(result)
     return out
 
