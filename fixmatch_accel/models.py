@@ -160,8 +160,20 @@ def _timm_create(name: str, image_size: Optional[int] = None, **kwargs) -> nn.Mo
     cfg = get_pretrained_cfg(name)
     if image_size is not None and (cfg is None or tuple(cfg.input_size[-2:]) != (image_size, image_size)):
         try:
-            return timm.create_model(name, img_size=image_size, **kwargs)
+            model = timm.create_model(name, img_size=image_size, **kwargs)
         except TypeError as e:
             if "img_size" not in str(e):
                 raise
+        else:
+            check_patches_tile(name, model, image_size)
+            return model
     return timm.create_model(name, **kwargs)
+
+
+def check_patches_tile(name: str, model: nn.Module, image_size: int):
+    """A patch model's patches must tile the image: timm would silently drop the pixels past the last patch."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is not None and image_size % patch[0]:
+        smaller, larger = image_size // patch[0] * patch[0], (image_size // patch[0] + 1) * patch[0]
+        raise UsageError(f"--image_size {image_size} is not a multiple of {name}'s patch size {patch[0]}: "
+                         f"use {f'{smaller} or ' if smaller else ''}{larger}")

@@ -121,6 +121,8 @@ def timm_from_file(name: str, num_classes: int, in_chans: int, path: str, create
     try:
         model = create(name, pretrained=True, num_classes=head_classes, in_chans=in_chans,
                        pretrained_cfg_overlay=overlay)
+    except UsageError:  # the model itself refused a flag: said as it is
+        raise
     except Exception as e:  # missing, unexpected or misshapen tensors (load_state_dict), or the model's filter
         raise UsageError(_wrong_weights(path, name, e)) from None
     return _new_classifier(model, num_classes)

@@ -13,6 +13,7 @@ from test_e2e import TINY_DIGITS, check_ok
 from fixmatch_accel.algorithms.objective import Objective
 from fixmatch_accel.augment import resize_batch
 from fixmatch_accel.config import TrainConfig, resolve
+from fixmatch_accel.errors import UsageError
 from fixmatch_accel.runlog import Window
 from fixmatch_accel.step import forward_loss, model_inputs
 
@@ -152,6 +153,10 @@ def test_a_vit_is_built_for_the_image_size_and_its_pretrained_position_embedding
     assert model.pos_embed.shape == (1, 1 + (32 // 16) ** 2, 192)  # 2 x 2 patches and the class token
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
     assert create_model("resnet10t", 3, image_size=32).eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 3)  # no img_size
+    # 30 px would leave 14 px of every side out of the one 16-px patch
+    with pytest.raises(UsageError, match="--image_size 30 is not a multiple of vit_tiny_patch16_224's patch size 16: "
+                                         "use 16 or 32"):
+        create_model("vit_tiny_patch16_224", 3, pretrained_file=str(weights), image_size=30)
 
 
 def test_a_pretrained_vit_run_with_fine_tuning_defaults_resumes_exactly(tmp_path):
