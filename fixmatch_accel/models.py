@@ -6,7 +6,7 @@ written here.
 """
 
 from functools import partial
-from typing import Optional
+from typing import Dict, Optional
 
 import timm
 import torch
@@ -168,6 +168,14 @@ def _timm_create(name: str, image_size: Optional[int] = None, **kwargs) -> nn.Mo
             check_patches_tile(name, model, image_size)
             return model
     return timm.create_model(name, **kwargs)
+
+
+def model_args(model: nn.Module) -> Dict:
+    """What timm needs, besides the architecture, to build the model again from a run folder (config.json's
+    `model_args`, read by timm.create_model("local-dir:RUN")): a patch model's image size, which sizes its
+    position embeddings."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    return {"img_size": list(size)} if size is not None else {}
 
 
 def check_patches_tile(name: str, model: nn.Module, image_size: int):

@@ -56,7 +56,8 @@ def versions() -> Dict[str, str]:
                 datasets=datasets.__version__, timm=timm.__version__)
 
 
-def write_run_config(cfg, sources: Dict[str, str], accelerator, data, resolved, mean, std, num_labeled: int) -> None:
+def write_run_config(cfg, sources: Dict[str, str], accelerator, data, resolved, mean, std, num_labeled: int,
+                     model_args: Dict) -> None:
     """config.json: timm-style model keys (so timm and fixmatch-predict prepare images alike) and every setting."""
     world = accelerator.num_processes
     B, U = cfg.per_device_train_batch_size, cfg.mu * cfg.per_device_train_batch_size
@@ -65,6 +66,7 @@ def write_run_config(cfg, sources: Dict[str, str], accelerator, data, resolved, 
         architecture=cfg.model,
         num_classes=data.num_classes,
         label_names=data.class_names,
+        model_args=model_args,
         # interpolation / crop: timm's eval transform then resizes as training did (whole image). mean / std:
         # the dataset's, or with --pretrained the model's own.
         pretrained_cfg=dict(input_size=[3, size, size], mean=mean, std=std, num_classes=data.num_classes,

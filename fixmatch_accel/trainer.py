@@ -33,7 +33,7 @@ from .ema import ModelEMA
 from .errors import UsageError
 from .evaluate import Evaluator
 from .launch import make_accelerator, step_collectives
-from .models import create_model
+from .models import create_model, model_args
 from .optim import build_optimizer, schedule_at
 from .preflight import Start, check_start
 from .pretrained import pretrained_preprocessing
@@ -231,7 +231,8 @@ def setup_run(start: Start) -> Run:
                      augment_device=resolved.augment_device, pad=resolved.crop_padding, generator=generator,
                      device=device, resize=resize)
     if accelerator.is_main_process:
-        write_run_config(cfg, sources, accelerator, rd.data, rd.resolved, rd.mean, rd.std, len(rd.labeled_idx))
+        write_run_config(cfg, sources, accelerator, rd.data, rd.resolved, rd.mean, rd.std, len(rd.labeled_idx),
+                         model_args(accelerator.unwrap_model(model)))
     if cfg.report_to != "none":
         accelerator.init_trackers("fixmatch", config={k: v for k, v in cfg.to_dict().items() if v is not None})
     checkpointer = Checkpointer(accelerator, cfg, state, ema, generator)

@@ -176,6 +176,14 @@ def test_a_pretrained_vit_run_with_fine_tuning_defaults_resumes_exactly(tmp_path
     assert "fine-tuning defaults: --optimizer adamw, --learning_rate 0.0005, --layer_decay 0.65" in result.stdout
     cfg = json.loads((straight / "config.json").read_text())
     assert cfg["setting_sources"]["optimizer"] == "pretrained" and cfg["settings"]["warmup_steps"] == 2
+    # timm builds the run's model again from its folder: at 32 px, as trained, with the run's weights
+    assert cfg["model_args"] == {"img_size": [32, 32]}
+    from fixmatch_accel.predict import load_run_model
+
+    images = torch.rand(2, 3, 32, 32)
+    again = timm.create_model(f"local-dir:{straight}", pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(images), load_run_model(str(straight), torch.device("cpu")).model(images))
     weights.unlink()  # a resumed run's weights are its checkpoint's
     check_ok(run_train(args + ["--output_dir", resumed, "--resume_from_checkpoint",
                                straight / "checkpoints" / "step_3"]))
