@@ -26,8 +26,6 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int = 0) -> float:
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    if warmup_steps == 0:
-        return cosine_lr_factor(step, total_steps)
     return cosine_lr_factor(step - warmup_steps, max(1, total_steps - warmup_steps))
 
 

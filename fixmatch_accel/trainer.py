@@ -232,7 +232,7 @@ def setup_run(start: Start) -> Run:
                      device=device, resize=resize)
     if accelerator.is_main_process:
         write_run_config(cfg, sources, accelerator, rd.data, rd.resolved, rd.mean, rd.std, len(rd.labeled_idx),
-                         model_args(accelerator.unwrap_model(model)))
+                         model_args(live_model))
     if cfg.report_to != "none":
         accelerator.init_trackers("fixmatch", config={k: v for k, v in cfg.to_dict().items() if v is not None})
     checkpointer = Checkpointer(accelerator, cfg, state, ema, generator)
