@@ -12,14 +12,13 @@ import re
 import shutil
 import time
 from functools import partial
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional
 
 from .errors import UsageError, describe
 
 if TYPE_CHECKING:
     import torch
 
-OBJECTIVE_FILE = "objective.safetensors"  # in a checkpoint: the algorithm's statistics
 # Files that mark an output_dir as holding a run.
 RUN_FILES = ("metrics.jsonl", "checkpoints", "model.safetensors")
 # Everything a run (and fixmatch-plot / fixmatch-predict) leaves there: set aside by --overwrite_output_dir.
@@ -28,7 +27,7 @@ RUN_OUTPUTS = RUN_FILES + ("config.json", "labeled_split.json", "eval_results.js
 
 
 class TrainState:
-    """Step counter and data positions, saved in every checkpoint as JSON."""
+    """Step counter, counts and data positions: a checkpoint component saved as JSON (trainer_state.json)."""
 
     def __init__(self):
         self.step = 0
@@ -36,29 +35,78 @@ class TrainState:
         self.bad_images = 0  # unreadable images the training loaders replaced
         self.labeled_seen = 0  # images drawn, over all processes (true across a change of world size)
         self.unlabeled_seen = 0
-        self.positions: Dict[str, List[int]] = {}
+        self.positions: Dict[str, List[int]] = {}  # each loader's [pass, batches done in it], kept by data.endless
         self.layout: Dict[str, int] = {}  # processes and workers: the data order depends on them
         self.settings: Dict = {}  # the run's settings, which a resume compares with its own
-        self.objective = None  # the algorithm's state (tensors, the same on every process): objective.safetensors
+        self.saved_layout: Dict[str, int] = {}  # the layout of the checkpoint loaded, if any
 
-    def to_json(self) -> Dict:
+    def state_dict(self) -> Dict:
         return {"step": self.step, "skipped": self.skipped, "bad_images": self.bad_images,
                 "labeled_seen": self.labeled_seen, "unlabeled_seen": self.unlabeled_seen,
                 "positions": self.positions, "layout": self.layout, "settings": self.settings}
 
-    def load_json(self, saved: Dict) -> Dict[str, int]:
-        """Take a checkpoint's state; return the layout it was saved with."""
+    def load_state_dict(self, saved: Dict) -> None:
+        """Take a checkpoint's state; `saved_layout` says what layout it was saved with."""
         self.step = int(saved["step"])
         self.skipped = int(saved.get("skipped", 0))
         self.bad_images = int(saved.get("bad_images", 0))
-        layout = saved.get("layout", {})
+        self.saved_layout = layout = saved.get("layout", {})
         # Checkpoints written before these counters: every step drew B (and mu*B) images on each process.
         B, mu = (self.settings.get(k) for k in ("per_device_train_batch_size", "mu"))
         drawn = self.step * (B or 0) * layout.get("processes", 1)
         self.labeled_seen = int(saved.get("labeled_seen", drawn))
         self.unlabeled_seen = int(saved.get("unlabeled_seen", drawn * (mu or 0)))
         self.positions = {k: [int(e), int(b)] for k, (e, b) in saved["positions"].items()}
-        return layout
+
+
+class GeneratorState:
+    """A torch.Generator as a checkpoint component (its state is one uint8 tensor)."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def state_dict(self) -> Dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, saved: Dict) -> None:
+        self.generator.set_state(saved["state"])
+
+
+class Components(NamedTuple):
+    """What a checkpoint holds besides accelerate's files (model, optimizer, schedule, RNGs), by file name.
+
+    Each has `state_dict()` / `load_state_dict()`. A state of tensors is written as NAME.safetensors, any
+    other as NAME.json; an empty one is not written and, when empty now too, not required on load.
+    `shared`: the same on every process, written by the main one; `per_process`: NAME_<rank> by each.
+    """
+
+    shared: Dict[str, object]
+    per_process: Dict[str, object]
+
+    def files(self, rank: int) -> Dict[str, object]:
+        """file name -> component, for this process's view of a checkpoint."""
+        named = dict(self.shared, **{f"{name}_{rank}": c for name, c in self.per_process.items()})
+        return {_file_name(name, c.state_dict()): c for name, c in named.items() if c.state_dict() != {}}
+
+
+def _is_tensors(state: Dict) -> bool:
+    import torch
+
+    return bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def _file_name(name: str, state: Dict) -> str:
+    return f"{name}.safetensors" if _is_tensors(state) else f"{name}.json"
+
+
+def _write(path: str, state: Dict) -> None:
+    from safetensors.torch import save_file  # looked up at each call (tests kill the run inside it)
+
+    if path.endswith(".safetensors"):
+        # .cpu(): safetensors reads host memory (an XLA tensor has none to point at); it copies device tensors anyway.
+        save_file({k: v.cpu().contiguous() for k, v in state.items()}, path)
+    else:
+        write_json(path, state)
 
 
 def write_json(path: str, obj) -> None:
@@ -82,34 +130,29 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     return os.path.join(output_dir, "checkpoints", f"step_{steps[-1]}") if steps else None
 
 
-def save_checkpoint(accelerator, output_dir: str, state: TrainState, ema, generator: torch.Generator,
+def save_checkpoint(accelerator, output_dir: str, step: int, components: Components,
                     total_limit: Optional[int] = None) -> str:
     """Write to a temporary folder, then rename, so a kill mid-write never leaves a half checkpoint.
 
-    Besides accelerate's files: trainer_state.json (step, data positions), ema.safetensors,
-    objective.safetensors (the algorithm's statistics, when it keeps any) and one
-    generator_<rank>.safetensors per process. Nothing is pickled, so loading runs no code
-    from the checkpoint (accelerate would unpickle registered objects).
+    Besides accelerate's files: one file per component (trainer_state.json, ema.safetensors,
+    objective.safetensors, generator_<rank>.safetensors, ...) and the run's labeled_split.json.
+    Nothing is pickled, so loading runs no code from the checkpoint (accelerate would unpickle
+    registered objects).
     """
-    from safetensors.torch import save_file
-
-    from .algorithms.objective import state_tensors
-
-    final = os.path.join(output_dir, "checkpoints", f"step_{state.step}")
+    final = os.path.join(output_dir, "checkpoints", f"step_{step}")
     tmp = final + ".tmp"
     if accelerator.is_main_process and os.path.isdir(tmp):
         shutil.rmtree(tmp)  # an interrupted write of this very step: incomplete by construction
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
-    save_file({"state": generator.get_state()}, os.path.join(tmp, f"generator_{accelerator.process_index}.safetensors"))
+    for name, component in components.per_process.items():
+        _write(os.path.join(tmp, _file_name(f"{name}_{accelerator.process_index}", state := component.state_dict())),
+               state)
     if accelerator.is_main_process:
-        # .cpu(): safetensors reads host memory (an XLA tensor has none to point at); it copies device tensors anyway.
-        save_file({k: v.cpu().contiguous() for k, v in ema.module.state_dict().items()},
-                  os.path.join(tmp, "ema.safetensors"))
-        objective = state_tensors(state.objective)
-        if objective:
-            save_file({k: v.cpu().contiguous() for k, v in objective.items()}, os.path.join(tmp, OBJECTIVE_FILE))
-        write_json(os.path.join(tmp, "trainer_state.json"), state.to_json())
+        for name, component in components.shared.items():
+            state = component.state_dict()
+            if state != {}:
+                _write(os.path.join(tmp, _file_name(name, state)), state)
         shutil.copy(os.path.join(output_dir, "labeled_split.json"), tmp)  # the run's labeled examples
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -128,30 +171,29 @@ def _read_json(file):
         return json.load(f)
 
 
-def _read_all(path: str, rank: int, with_objective: bool) -> Dict:
+def _read_all(path: str, rank: int, components: Components) -> Dict:
     """Read every file of a checkpoint on its own first, so a missing, truncated or hostile one is named.
 
     accelerate reports a missing model.safetensors as a missing pytorch_model.bin, and skips
     unreadable RNG states with only an info log; read here with weights_only and accelerate's
-    numpy allow-list they are an error, not a silently inexact resume. Returns the files used
-    here (trainer state, EMA, generator); accelerate reads the rest again in load_state.
+    numpy allow-list they are an error, not a silently inexact resume. Returns the components'
+    files; accelerate reads the rest again in load_state.
     """
     from accelerate.utils.other import load as weights_only_load
     from safetensors.torch import load_file
 
-    readers = {"trainer_state.json": _read_json, "model.safetensors": load_file, "optimizer.bin":
-               partial(weights_only_load, map_location="cpu"), "scheduler.bin": weights_only_load,
-               "ema.safetensors": load_file, f"random_states_{rank}.pkl": weights_only_load,
-               f"generator_{rank}.safetensors": load_file, **({OBJECTIVE_FILE: load_file} if with_objective else {})}
+    mine = components.files(rank)
+    readers = {"model.safetensors": load_file, "optimizer.bin": partial(weights_only_load, map_location="cpu"),
+               "scheduler.bin": weights_only_load, f"random_states_{rank}.pkl": weights_only_load,
+               **{name: load_file if name.endswith(".safetensors") else _read_json for name in mine}}
     missing = [name for name in readers if not os.path.exists(os.path.join(path, name))]
     if missing:
         raise UsageError(f"--resume_from_checkpoint {path!r}: cannot load it (missing {', '.join(missing)})")
-    used_here = {"trainer_state.json", "ema.safetensors", f"generator_{rank}.safetensors", OBJECTIVE_FILE}
     loaded = {}
     for name, read in readers.items():
         try:
             value = read(os.path.join(path, name))
-            if name in used_here:  # not kept: a second copy of the weights and optimizer state
+            if name in mine:  # not kept: a second copy of the weights and optimizer state
                 loaded[name] = value
         except Exception as e:
             raise UsageError(f"--resume_from_checkpoint {path!r}: cannot read {name} "
@@ -159,26 +201,18 @@ def _read_all(path: str, rank: int, with_objective: bool) -> Dict:
     return loaded
 
 
-def load_checkpoint(accelerator, path: str, state: TrainState, ema, generator: torch.Generator) -> None:
-    """Restore a checkpoint written by save_checkpoint; any problem is one clear line."""
-    from .algorithms.objective import load_state_tensors, state_tensors
-
+def load_checkpoint(accelerator, path: str, components: Components) -> None:
+    """Restore a checkpoint written by save_checkpoint into accelerate's objects and every component;
+    any problem is one clear line."""
     rank = accelerator.process_index
-    with_objective = bool(state_tensors(state.objective))
-    loaded = _read_all(path, rank, with_objective)
+    files = components.files(rank)
+    loaded = _read_all(path, rank, components)
     try:
         accelerator.load_state(path)  # model, optimizer, scheduler, RNGs: weights_only / safetensors
-        ema.module.load_state_dict(loaded["ema.safetensors"])
-        generator.set_state(loaded[f"generator_{rank}.safetensors"]["state"])
-        if with_objective:
-            state.objective = load_state_tensors(state.objective, loaded[OBJECTIVE_FILE])
-        saved_layout = state.load_json(loaded["trainer_state.json"])
+        for name, component in files.items():
+            component.load_state_dict(loaded[name])
     except Exception as e:  # another model, a malformed state: the user must know, never a silent restart
         raise UsageError(f"--resume_from_checkpoint {path!r}: cannot load it ({describe(e)})") from None
-    changed = [f"{k} {state.layout.get(k)} (was {v})" for k, v in saved_layout.items() if state.layout.get(k) != v]
-    if changed:
-        accelerator.print(f"warning: resumed with {', '.join(changed)}: the data order from here on is not the "
-                          "interrupted run's (the run stays valid, but is not an exact continuation)")
 
 
 def resolve_resume(cfg) -> Optional[str]:
@@ -267,17 +301,25 @@ def set_aside_previous_run(output_dir: str) -> str:
 
 
 class Checkpointer:
-    """Saves the run every --checkpointing_steps (and when asked), keeping the newest --checkpoints_total_limit."""
+    """Saves the run's components every --checkpointing_steps (and when asked), keeping the newest
+    --checkpoints_total_limit; `load` restores them."""
 
-    def __init__(self, accelerator, cfg, state: TrainState, ema, generator: torch.Generator):
-        self.every = cfg.checkpointing_steps
-        self.save = partial(self._save, accelerator, cfg.output_dir, state, ema, generator,
-                            total_limit=cfg.checkpoints_total_limit)
+    def __init__(self, accelerator, cfg, state: TrainState, components: Components):
+        self.accelerator, self.state, self.components = accelerator, state, components
+        self.every, self.total_limit = cfg.checkpointing_steps, cfg.checkpoints_total_limit
         self.output_dir = cfg.output_dir
 
-    @staticmethod
-    def _save(*args, **kwargs) -> str:
-        return save_checkpoint(*args, **kwargs)  # looked up at each call, so tests can wrap it
+    def save(self) -> str:
+        return save_checkpoint(self.accelerator, self.output_dir, self.state.step, self.components,
+                               total_limit=self.total_limit)
+
+    def load(self, path: str) -> None:
+        load_checkpoint(self.accelerator, path, self.components)
+        now, saved = self.state.layout, self.state.saved_layout
+        changed = [f"{k} {now.get(k)} (was {v})" for k, v in saved.items() if now.get(k) != v]
+        if changed:
+            self.accelerator.print(f"warning: resumed with {', '.join(changed)}: the data order from here on is "
+                                   "not the interrupted run's (the run stays valid, but is not an exact continuation)")
 
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0

@@ -18,10 +18,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
 
+from .algorithms import registry
 from .errors import UsageError
 
-# The unlabeled objectives (fixmatch_accel/algorithms/objective.py).
-ALGORITHMS = ("fixmatch", "flexmatch", "freematch", "softmatch")
 # The models written here (fixmatch_accel/models.py BUILTIN_MODELS; a test keeps the two equal): timm has no
 # pretrained weights for them, though --pretrained_file loads a run's model.safetensors into one.
 BUILTIN_MODEL_NAMES = ("wrn28_2", "wrn28_8", "wrn37_2", "small_cnn")
@@ -37,7 +36,9 @@ def _f(default, help: str, **kw):
 
 
 @dataclass
-class TrainConfig:
+class SharedConfig:
+    """The settings of every run; TrainConfig below adds each algorithm's own."""
+
     # Data
     dataset_name: Optional[str] = _f(None, "Hub dataset id, local dataset folder, or 'digits' (scikit-learn's, no download). Default: the built-in demo when no dataset is named.")
     dataset_config_name: Optional[str] = _f(None, "Dataset configuration name (the `name` argument of datasets.load_dataset).")
@@ -71,12 +72,9 @@ class TrainConfig:
     threshold: float = _f(0.95, "Confidence a weak-view prediction needs to become a pseudo-label (fixmatch; flexmatch's tau, the highest of its per-class thresholds).")
     lambda_u: float = _f(1.0, "Weight of the unlabeled loss; 0 trains on the labels alone.")
     temperature: float = _f(1.0, "Softmax temperature for the pseudo-label distribution.")
-    algorithm: str = _f("fixmatch", "The unlabeled objective: fixmatch (fixed --threshold), flexmatch (per-class thresholds from each class's learning effect), freematch (self-adaptive thresholds + fairness loss) or softmatch (truncated-Gaussian sample weights); their statistics are reduced over all processes every step.", choices=ALGORITHMS)
-    dist_align: Optional[str] = _f(None, "Distribution alignment of the weak-view probabilities (ReMixMatch): p * p_target / p_model, p_model an EMA of their mean; target 'uniform' or 'labeled' (the labeled split's class frequencies); default: uniform for softmatch (its uniform alignment, used for the weights), else none.", choices=("none", "uniform", "labeled"))
+    algorithm: str = _f("fixmatch", "The unlabeled objective: " + ", ".join(a.summary for a in registry.ALGORITHMS.values()) + "; their statistics are reduced over all processes every step. Each one's own settings are the flags named after it.", choices=tuple(registry.ALGORITHMS))
+    dist_align: Optional[str] = _f(None, "Distribution alignment of the weak-view probabilities (ReMixMatch): p * p_target / p_model, p_model an EMA of their mean; target 'uniform' or 'labeled' (the labeled split's class frequencies); default: the algorithm's (" + ", ".join(f"{a.dist_align} for {a.name}" for a in registry.ALGORITHMS.values() if a.dist_align != "none") + ", else none).", choices=("none", "uniform", "labeled"))
     stats_momentum: float = _f(0.999, "EMA momentum of the class statistics kept by freematch, softmatch and distribution alignment.")
-    flexmatch_warmup: bool = _f(True, "flexmatch: threshold warm-up (examples not yet pseudo-labeled count in the learning effect's denominator).")
-    freematch_fairness: float = _f(0.001, "freematch: weight of the self-adaptive fairness loss (USB's CIFAR setting).")
-    softmatch_n_sigma: float = _f(2.0, "softmatch: standard deviations of the weight's Gaussian tail.")
     strong_augment: str = _f("rand-m9-mstd0.5", "Strong augmentation: a timm RandAugment string, or 'paper' (RA with random magnitude + 16px Cutout).")
     augment_device: Optional[str] = _f(None, "Where augmentation runs: 'cpu' (PIL/timm in DataLoader workers) or 'accelerator' (batched tensors on the training device). Default: accelerator when a GPU/TPU is used, else cpu.", choices=("cpu", "accelerator"))
     cache_decoded: Optional[bool] = _f(None, "Decode the train and eval splits once into uint8 tensors in memory (accelerator augmentation only); default: on when the train split takes under 4 GiB decoded.")
@@ -92,6 +90,7 @@ class TrainConfig:
     weight_decay: float = _f(5e-4, "Weight decay on conv/linear weights (never on biases or BatchNorm).")
     ema_decay: float = _f(0.999, "Decay of the EMA model that is evaluated and saved (warmed up as (1+t)/(10+t)).")
     max_train_steps: int = _f(2**20, "Optimizer steps K; the cosine schedule lr*cos(7*pi*k/(16K)) spans them.")
+    max_grad_norm: Optional[float] = _f(None, "Clip the gradients' total norm (over all parameters and processes) to this before each optimizer step (timm's --clip-grad); grad_norm is logged before clipping. Default: no clipping (the paper's).")
     gradient_accumulation_steps: int = _f(1, "Micro-batches of B labeled and mu*B unlabeled images per optimizer step (accelerate's accumulate): the batch of one step is N times larger in the same memory. The algorithm's statistics are updated per micro-batch; BatchNorm normalises each micro-batch on its own.")
     compile: bool = _f(False, "torch.compile the augmentation + forward + loss (one graph without host syncs); on a CPU forward + loss only (eager augmentation is faster there).")
     compile_mode: str = _f("default", "torch.compile mode with --compile; 'reduce-overhead' (CUDA graphs) was fastest on one H100 (bench/RESULTS.md).", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
@@ -117,11 +116,17 @@ class TrainConfig:
     config: Optional[str] = _f(None, "YAML file of settings, one `field_name: value` per line (keys as in --help without the dashes); flags override it.")
 
     def __post_init__(self):
-        if self.dist_align is None:  # the algorithm's own default, recorded as the value
-            self.dist_align = "uniform" if self.algorithm == "softmatch" else "none"
+        if self.dist_align is None and self.algorithm in registry.ALGORITHMS:  # its own default, recorded as the value
+            self.dist_align = registry.get(self.algorithm).dist_align
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# The algorithms' own settings (algorithms/registry.py) follow the shared ones, each a field and a flag.
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig", [(s.name, s.type, _f(s.default, s.help)) for s in registry.all_settings()], bases=(SharedConfig,))
+TrainConfig.__module__ = __name__
 
 
 # The built-in demo: scikit-learn's digits, 5 labels per class, a small CNN on a 2-core CPU.
@@ -410,6 +415,8 @@ def validate(cfg: TrainConfig) -> None:
             raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.layer_decay is not None and not 0.0 < cfg.layer_decay <= 1.0:
         raise UsageError(f"--layer_decay must be in (0, 1] (1: off), got {cfg.layer_decay}")
+    if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
+        raise UsageError(f"--max_grad_norm must be positive, got {cfg.max_grad_norm}")
     if cfg.warmup_steps < 0:
         raise UsageError(f"--warmup_steps must be non-negative, got {cfg.warmup_steps}")
     if cfg.warmup_steps >= cfg.max_train_steps:
@@ -437,10 +444,14 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--train_val_split must be in (0, 1), got {cfg.train_val_split}")
     if not 0.0 <= cfg.stats_momentum < 1.0:
         raise UsageError(f"--stats_momentum must be in [0, 1), got {cfg.stats_momentum}")
-    if cfg.freematch_fairness < 0:
-        raise UsageError(f"--freematch_fairness must be non-negative, got {cfg.freematch_fairness}")
-    if cfg.softmatch_n_sigma <= 0:
-        raise UsageError(f"--softmatch_n_sigma must be positive, got {cfg.softmatch_n_sigma}")
+    for s in registry.all_settings():
+        value = getattr(cfg, s.name)
+        if (s.bound == "positive" and value <= 0) or (s.bound == "non-negative" and value < 0):
+            raise UsageError(f"--{s.name} must be {s.bound}, got {value}")
+    algorithm = registry.get(cfg.algorithm)
+    if cfg.dist_align not in algorithm.dist_align_choices:
+        raise UsageError(f"--dist_align {cfg.dist_align}: {cfg.algorithm} aligns its own distributions; "
+                         f"choose from {', '.join(algorithm.dist_align_choices)}")
     if cfg.image_size is not None and cfg.image_size < 4:
         raise UsageError(f"--image_size must be at least 4, got {cfg.image_size}")
     if cfg.pretrained and cfg.pretrained_file is None and cfg.model in BUILTIN_MODEL_NAMES:

@@ -14,6 +14,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .algorithms import ALGORITHMS
 from .errors import UsageError
 
 # Classes up to this many get one labelled bar each; more get a scatter plot.
@@ -23,7 +24,6 @@ STARVED = 0.5
 DPI = 110
 # Up to this many classes get a threshold line each (tab10's ten colours); more get a lowest-to-highest band.
 MAX_THRESHOLD_LINES = 10
-ALGORITHM_NAMES = dict(fixmatch="FixMatch", flexmatch="FlexMatch", freematch="FreeMatch", softmatch="SoftMatch")
 
 
 def read_metrics(path: str) -> Tuple[List[Dict], List[Dict]]:
@@ -133,8 +133,10 @@ def _final_thresholds(num_classes: int, train_rows: List[Dict]) -> Optional[np.n
     return last
 
 
-def _algorithm(config: Dict) -> str:
-    return str((config.get("settings") or {}).get("algorithm") or "fixmatch")  # runs before --algorithm: fixmatch
+def _algorithm(config: Dict):
+    """The run's registered algorithm; None for one this version does not know (its plots stay generic)."""
+    name = str((config.get("settings") or {}).get("algorithm") or "fixmatch")  # runs before --algorithm: fixmatch
+    return ALGORITHMS.get(name)
 
 
 def _run_title(output_dir: str, config: Dict) -> str:
@@ -149,8 +151,9 @@ def _run_title(output_dir: str, config: Dict) -> str:
     dist_align = (config.get("settings") or {}).get("dist_align")
     if dist_align not in (None, "none"):
         parts.append(f"dist_align {dist_align}")
-    algorithm = ALGORITHM_NAMES.get(_algorithm(config), _algorithm(config))
-    return f"{algorithm} run {parts[0]}" + (": " + ", ".join(parts[1:]) if parts[1:] else "")
+    algorithm = _algorithm(config)
+    title = algorithm.title if algorithm else str((config.get("settings") or {}).get("algorithm"))
+    return f"{title} run {parts[0]}" + (": " + ", ".join(parts[1:]) if parts[1:] else "")
 
 
 def plot_training_curves(path: str, train_rows: List[Dict], eval_rows: List[Dict], config: Dict, title: str,
@@ -212,13 +215,10 @@ def _loss_panel(ax, train_rows: List[Dict]) -> None:
 
 def _mask_panel(ax, train_rows: List[Dict], config: Dict) -> None:
     algorithm, threshold = _algorithm(config), (config.get("settings") or {}).get("threshold")
-    if algorithm == "softmatch":
-        ax.set_title("Mask ratio: unlabeled images with a non-zero weight")
-    elif algorithm in ("flexmatch", "freematch"):
-        ax.set_title("Mask ratio: unlabeled images with confidence \u2265 their class's threshold")
-    else:
-        tau = f" \u2265 {threshold:g}" if isinstance(threshold, (int, float)) else " \u2265 threshold"
-        ax.set_title(f"Mask ratio: unlabeled images with confidence{tau}")
+    means = algorithm.mask_means if algorithm else "confidence \u2265 --threshold"
+    if isinstance(threshold, (int, float)):
+        means = means.replace("--threshold", f"{threshold:g}")
+    ax.set_title(f"Mask ratio: unlabeled images with {means}")
     ax.set_ylabel("% of unlabeled images")
     ax.set_ylim(-2, 102)
     if not _line(ax, train_rows, "mask_ratio", "mask ratio", scale=100.0, color="tab:purple"):
@@ -260,7 +260,7 @@ def _threshold_panel(ax, steps: np.ndarray, thresholds: np.ndarray, names: Seque
     ax.set_ylim(-0.02, 1.02)
     style = dict(marker="o" if len(steps) <= 60 else None, markersize=3)
     if (np.abs(thresholds - thresholds[:, :1]) <= 1e-6).all():  # fixmatch's fixed one, softmatch's mean
-        what = "the running mean max-probability" if _algorithm(config) == "softmatch" else "one threshold"
+        what = _algorithm(config).equal_thresholds_mean if _algorithm(config) else "one threshold"
         ax.plot(steps, thresholds[:, 0], label=f"all {num_classes} classes: {what}", color="tab:brown", **style)
     elif num_classes <= MAX_THRESHOLD_LINES:
         for c in range(num_classes):
@@ -271,7 +271,7 @@ def _threshold_panel(ax, steps: np.ndarray, thresholds: np.ndarray, names: Seque
                         label=f"lowest to highest of {num_classes} classes")
         ax.plot(steps, thresholds.mean(axis=1), label="mean over classes", color="tab:brown", **style)
     threshold = (config.get("settings") or {}).get("threshold")
-    if _algorithm(config) == "flexmatch" and isinstance(threshold, (int, float)):
+    if _algorithm(config) and _algorithm(config).threshold_is_ceiling and isinstance(threshold, (int, float)):
         ax.axhline(threshold, color="0.3", linestyle="--", linewidth=1, label=f"--threshold {threshold:g} (the most)")
     ax.legend(loc="best", fontsize=8, ncols=2 if num_classes > 5 else 1)
 

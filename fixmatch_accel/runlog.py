@@ -7,7 +7,7 @@ import os
 import platform
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -24,8 +24,11 @@ TRACKER_PACKAGES = dict(tensorboard="tensorboard (or tensorboardX)", wandb="wand
                         comet_ml="comet_ml", aim="aim", clearml="clearml", dvclive="dvclive", swanlab="swanlab",
                         trackio="trackio")
 
-# Order of the statistics in the one flat tensor that is all-reduced at logging steps.
-SUMMED = ("loss", "loss_x", "loss_u", "mask_count", "num_unlabeled", "pseudo_label_correct")
+# Statistics a row reports as their total over the window and all processes; every other one a step reports is
+# averaged over the steps that reported it and all processes. mask_ratio and pseudo_label_acc are derived from the
+# totals (a ratio of sums, not a mean of per-step ratios), so the steps' own values are not collected.
+TOTALS = ("mask_count", "num_unlabeled", "pseudo_label_correct", "mask_per_class", "bad_images")
+DERIVED = ("mask_ratio", "pseudo_label_acc")
 
 
 def trackers(report_to: str):
@@ -56,7 +59,7 @@ def versions() -> Dict[str, str]:
                 datasets=datasets.__version__, timm=timm.__version__)
 
 
-def write_run_config(cfg, sources: Dict[str, str], accelerator, data, resolved, mean, std, num_labeled: int,
+def write_run_config(cfg, sources: Dict[str, str], accelerator, *, data, resolved, mean, std, num_labeled: int,
                      model_args: Dict) -> None:
     """config.json: timm-style model keys (so timm and fixmatch-predict prepare images alike) and every setting."""
     world = accelerator.num_processes
@@ -111,23 +114,22 @@ class MetricsLog:
 
 
 class Window:
-    """A logging window's running sums, on the device: every step adds, so every step is the same graph.
+    """A logging window's running sums by name, on the device: every step adds, so every step is the same graph.
 
-    averaged: the algorithm's stats (name -> shape) that a row reports as their mean over steps and
-    processes (per-class thresholds, SoftMatch's mean weight), not as a sum.
+    The names are those the steps report (learnt from the run's first step and kept by `reset`), plus
+    bad_images and bad_row from the batch's rows; a new statistic is a new key where it is computed.
     """
 
-    def __init__(self, device: torch.device, num_classes: int, averaged: Optional[Dict[str, tuple]] = None):
-        self.device, self.num_classes = device, num_classes
-        self.averaged = dict(averaged or {})
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums: Dict[str, torch.Tensor] = {}
         self.reset()
 
     def reset(self) -> None:
         self.steps = 0
-        self.sums = {k: torch.zeros((), device=self.device) for k in SUMMED}
-        self.sums.update({k: torch.zeros(shape, device=self.device) for k, shape in self.averaged.items()})
-        self.sums.update(mask_per_class=torch.zeros(self.num_classes, device=self.device),
-                         bad_images=torch.zeros((), dtype=torch.long, device=self.device),
+        self.counts = {k: 0 for k in self.sums}  # how many steps reported each statistic
+        self.sums = {k: torch.zeros_like(v) for k, v in self.sums.items()}
+        self.sums.update(bad_images=torch.zeros((), dtype=torch.long, device=self.device),
                          bad_row=torch.full((), -1, dtype=torch.long, device=self.device))  # below any bad row
         if is_xla(self.device):  # made now, so the next step's graph finds them as inputs, not as constants
             xla_sync()
@@ -138,31 +140,38 @@ class Window:
         s["bad_images"] = s["bad_images"] + unreadable_mask(rows).sum()
         s["bad_row"] = torch.maximum(s["bad_row"], unreadable_source_row(rows).max())
         if stats is not None:
-            for k in (*SUMMED, "mask_per_class", *self.averaged):
-                s[k] = s[k] + stats[k]
+            for k, v in stats.items():
+                if k not in DERIVED:
+                    s[k] = s[k] + v if k in s else v.detach().float().clone()
+                    self.counts[k] = self.counts.get(k, 0) + 1
             self.steps += 1
 
     def summarise(self, accelerator) -> Dict:
-        """All-reduce the sums and turn them into one log row (the host sync of a logging step)."""
-        s = self.sums
-        flat = torch.cat([torch.stack([s[k] for k in (*SUMMED, "bad_images")]), s["mask_per_class"],
-                          *(s[k].reshape(-1) for k in self.averaged)])
+        """All-reduce the sums in one collective and turn them into one log row (the host sync of a logging step)."""
+        names = sorted(k for k in self.sums if k != "bad_row")
+        flat = torch.cat([self.sums[k].float().reshape(-1) for k in names])
         flat = accelerator.reduce(flat, reduction="sum").tolist()
-        loss, loss_x, loss_u, masked, unlabeled, correct, bad = flat[: len(SUMMED) + 1]
-        n = self.steps * accelerator.num_processes
-        means, start = {}, len(SUMMED) + 1 + self.num_classes
-        for k, shape in self.averaged.items():
-            size = math.prod(shape)
-            values = [v / n for v in flat[start:start + size]]
-            means[k], start = (values if shape else values[0]), start + size
-        return dict(
-            loss=loss / n, loss_x=loss_x / n, loss_u=loss_u / n,
-            mask_ratio=masked / max(unlabeled, 1.0),
-            pseudo_label_acc=correct / masked if masked else None,  # no confident image in the window: no accuracy
-            mask_per_class=[int(c) for c in flat[len(SUMMED) + 1: len(SUMMED) + 1 + self.num_classes]],
-            bad_images=int(bad),
-            **means,
-        )
+        row, start = {}, 0
+        for k in names:
+            size = self.sums[k].numel()
+            values, start = flat[start:start + size], start + size
+            if k in TOTALS:
+                row[k] = values if self.sums[k].dim() else values[0]
+            else:
+                n = self.counts.get(k, 0) * accelerator.num_processes
+                values = [v / n for v in values] if n else [None] * size
+                row[k] = values if self.sums[k].dim() else values[0]
+        masked, unlabeled, correct = (row.pop(k, 0.0) for k in ("mask_count", "num_unlabeled",
+                                                                "pseudo_label_correct"))
+        row["mask_ratio"] = masked / max(unlabeled, 1.0)
+        row["pseudo_label_acc"] = correct / masked if masked else None  # no confident image: no accuracy
+        row["mask_per_class"] = [int(c) for c in row.get("mask_per_class", [])]
+        row["bad_images"] = int(row["bad_images"])
+        return row
+
+
+def _fmt(value: Optional[float], digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 class RunLog:
@@ -171,8 +180,8 @@ class RunLog:
     Training throughput leaves out the time spent in `paused()` (evaluations, checkpoints).
     """
 
-    def __init__(self, accelerator, cfg, state, *, num_classes: int, resumed: bool, bad_images, nonfinite,
-                 averaged: Optional[Dict[str, tuple]] = None):
+    def __init__(self, accelerator, cfg, state, *, resumed: bool, bad_images, nonfinite,
+                 console: Tuple[Tuple[str, str], ...] = (("mask", "mask_ratio"),)):
         self.accelerator, self.cfg, self.state = accelerator, cfg, state
         self.bad_images, self.nonfinite = bad_images, nonfinite
         self.show_bar = accelerator.is_main_process and sys.stderr.isatty()  # plain lines in logs
@@ -184,7 +193,8 @@ class RunLog:
         self.start_step = state.step
         self.bar = tqdm(total=cfg.max_train_steps, initial=state.step, desc="fixmatch", disable=not self.show_bar,
                         dynamic_ncols=True)
-        self.window = Window(accelerator.device, num_classes, averaged)
+        self.window = Window(accelerator.device)
+        self.console = console  # (label, metrics key) pairs shown after loss_u: the algorithm's own figures
         self.window_start, self.paused_s = time.perf_counter(), 0.0
         # Images drawn a (micro-)batch over all processes.
         self.labeled_per_step = cfg.per_device_train_batch_size * accelerator.num_processes
@@ -233,12 +243,14 @@ class RunLog:
 
     def _show(self, row: Dict) -> None:
         pl_acc = "-" if row["pseudo_label_acc"] is None else f"{row['pseudo_label_acc']:.3f}"
+        figures = {label: row.get(key) for label, key in self.console}
         if self.show_bar:
-            self.bar.set_postfix(loss=f"{row['loss']:.3f}", mask=f"{row['mask_ratio']:.2f}", pl_acc=pl_acc,
-                                 img_s=f"{row['images_per_s']:.0f}")
+            self.bar.set_postfix(loss=f"{row['loss']:.3f}", **{k: _fmt(v, 2) for k, v in figures.items()},
+                                 pl_acc=pl_acc, img_s=f"{row['images_per_s']:.0f}")
         else:
+            shown = " ".join(f"{k} {_fmt(v, 3 if k == 'mask' else 4)}" for k, v in figures.items())
             self.accelerator.print(f"step {row['step']}/{self.cfg.max_train_steps} loss {row['loss']:.4f} "
-                                   f"loss_u {row['loss_u']:.4f} mask {row['mask_ratio']:.3f} "
+                                   f"loss_u {row['loss_u']:.4f} {shown} "
                                    f"pl_acc {pl_acc} lr {row['lr']:.5f} img/s {row['images_per_s']:.0f}", flush=True)
 
     @contextlib.contextmanager

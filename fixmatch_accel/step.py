@@ -5,14 +5,22 @@ inside the (compiled) loss are decided here at setup, never branched on in the l
 """
 
 from functools import partial
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
 import torch
 
 from . import augment
-from .algorithms import dist_align
-from .algorithms.objective import Objective
+from .algorithms import dist_align, registry
+from .algorithms.objective import SHARED_SETTINGS, Objective
 from .data.rows import valid_mask
+
+
+class StrongInputs(NamedTuple):
+    """What makes the strong view inside the (compiled) step: the flipped and cropped uint8 batch and the
+    RandAugment parameters drawn for it (an explicit torch.Generator cannot be traced)."""
+
+    base: torch.Tensor
+    params: object  # augment.sample_rand_augment_params' draws
 
 
 class Views(NamedTuple):
@@ -21,7 +29,7 @@ class Views(NamedTuple):
     x: torch.Tensor
     y: torch.Tensor
     u_w: torch.Tensor
-    u_s: object  # a uint8 batch, or (flipped and cropped batch, RandAugment draws) made into one inside the loss
+    u_s: Union[torch.Tensor, StrongInputs]  # StrongInputs when the strong view is made inside the step
     u_y: torch.Tensor
     rows: torch.Tensor  # the unlabeled examples' rows (negative: an unreadable image the loader replaced)
 
@@ -56,15 +64,15 @@ def forward_loss(model, objective_state, x, y, u_w, u_s, u_y, rows, *, objective
                      u_y)
 
 
-def strong_forward_loss(model, objective_state, x, y, u_w, strong, u_y, rows, *, strong_config: str, **kwargs):
-    """forward_loss with the strong view made on the device from `strong` = (flipped and cropped
-    unlabeled batch, pre-drawn RandAugment parameters), as `unlabeled_batch_views(in_graph=True)` returns.
+def strong_forward_loss(model, objective_state, x, y, u_w, strong: StrongInputs, u_y, rows, *, strong_config: str,
+                        **kwargs):
+    """forward_loss with the strong view made on the device from `strong`, as
+    `unlabeled_batch_views(in_graph=True)` returns it.
 
     The draws happen outside (an explicit torch.Generator cannot be traced), the pixel
     work inside, so augmentation + forward + loss compile together.
     """
-    base, params = strong
-    u_s = augment.apply_rand_augment(base, params, strong_config)
+    u_s = augment.apply_rand_augment(strong.base, strong.params, strong_config)
     return forward_loss(model, objective_state, x, y, u_w, u_s, u_y, rows, **kwargs)
 
 
@@ -74,15 +82,15 @@ def unlabeled_batch_views(u, strong_config: str, *, in_graph: bool, generator=No
 
     The strong view is RandAugment on a flip + crop of its own, drawn apart from the weak
     view's, as the PIL path, kekmodel and the TF original all do (not on u_w, which would
-    tie the two views' geometry). Returns (u_w, u_s), or with `in_graph`
-    (u_w, (flipped and cropped u, RandAugment draws)) for `strong_forward_loss`.
+    tie the two views' geometry). Returns (u_w, u_s), or with `in_graph` (u_w, StrongInputs) for
+    `strong_forward_loss`.
     """
     u_w = augment.weak_batch(u, hflip=hflip, pad=pad, generator=generator)
     base = augment.weak_batch(u, hflip=hflip, pad=pad, generator=generator)
     params = augment.sample_rand_augment_params(u.shape[0], strong_config, generator=generator, device=u.device,
                                                 image_size=tuple(u.shape[-2:]))
     if in_graph:
-        return u_w, (base, params)
+        return u_w, StrongInputs(base, params)
     return u_w, augment.apply_rand_augment(base, params, strong_config)
 
 
@@ -93,11 +101,10 @@ def build_objective(cfg, num_classes: int, labeled_labels, *, num_slots: int, nu
     all_sum, all_gather = collectives or (None, None)
     target = (dist_align.label_frequencies(torch.as_tensor(labeled_labels, dtype=torch.long), num_classes)
               if cfg.dist_align == "labeled" else None)
-    return Objective(cfg.algorithm, num_classes=num_classes, threshold=cfg.threshold, temperature=cfg.temperature,
-                     lambda_u=cfg.lambda_u, dist_align=cfg.dist_align, dist_target=target,
-                     momentum=cfg.stats_momentum, num_slots=num_slots, num_unlabeled=num_unlabeled,
-                     flexmatch_warmup=cfg.flexmatch_warmup, freematch_fairness=cfg.freematch_fairness,
-                     softmatch_n_sigma=cfg.softmatch_n_sigma, all_sum=all_sum, all_gather=all_gather)
+    settings = {name: getattr(cfg, name) for name in (*SHARED_SETTINGS, *(s.name for s in registry.all_settings()))}
+    return Objective(cfg.algorithm, num_classes=num_classes, dist_align=cfg.dist_align, dist_target=target,
+                     num_slots=num_slots, num_unlabeled=num_unlabeled, all_sum=all_sum, all_gather=all_gather,
+                     **settings)
 
 
 class TrainStep:

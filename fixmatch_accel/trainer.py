@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import math
 import os
 import sys
 from typing import Dict, Optional
@@ -9,13 +10,8 @@ from typing import Dict, Optional
 import torch
 
 from . import augment
-from .checkpoint import (
-    Checkpointer,
-    TrainState,
-    load_checkpoint,
-    set_aside_previous_run,
-    write_json,
-)
+from .algorithms.objective import Objective
+from .checkpoint import Checkpointer, Components, GeneratorState, TrainState, set_aside_previous_run, write_json
 from .config import Resolved, TrainConfig, resolve
 from .data import (
     default_image_size,
@@ -53,7 +49,7 @@ class RunData:
     mean: list
     std: list
     bad_images: BadImages
-    bad_eval: int  # unreadable eval images the decoded cache left out
+    num_bad_eval: int  # unreadable eval images the decoded cache left out
     loaders: tuple
 
 
@@ -70,7 +66,8 @@ class Run:
     scheduler: object
     ema: ModelEMA
     state: TrainState
-    step: TrainStep
+    objective: Objective  # the algorithm; its state changes every step
+    train_step: TrainStep
     labeled: object  # endless iterators of batches
     unlabeled: object
     log: RunLog
@@ -84,9 +81,17 @@ class Run:
     def nonfinite(self, step: int):
         return self.log.nonfinite(step, step - self.log.window.steps // self.cfg.gradient_accumulation_steps)
 
+    def clip_gradients(self) -> torch.Tensor:
+        """The gradients' total norm after unscaling (all processes'), then clipped to --max_grad_norm if given.
+
+        accelerate's clip_grad_norm_ unscales fp16 gradients and reduces XLA's first. Without a limit the
+        gradients are multiplied by exactly 1: the norm costs no host sync and changes nothing.
+        """
+        return self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm or math.inf)
+
     def save(self, step: int) -> str:
         """A checkpoint, never of non-finite weights (a host sync)."""
-        if not finite_weights(self.live_model, self.log.window.sums["loss"]):
+        if not finite_weights(self.live_model, self.log.window.sums.get("loss")):
             raise self.nonfinite(step)
         return self.checkpointer.save()
 
@@ -118,17 +123,20 @@ def loop(run: Run, stop: StopSignal) -> None:
         for _ in range(cfg.gradient_accumulation_steps):
             with accelerator.accumulate(run.model):
                 # Batch: B labeled and mu*B unlabeled uint8 images, and their weak and strong views.
-                views = run.step.views(next(run.labeled), next(run.unlabeled))
+                views = run.train_step.views(next(run.labeled), next(run.unlabeled))
                 # Forward and loss: one pass over cat([x, u_w, u_s]), so BatchNorm sees the whole batch; the
                 # algorithm's statistics are reduced over all processes inside it.
-                loss, stats, objective_state = run.step.loss(views, state.objective)
+                loss, stats, objective_state = run.train_step.loss(views, run.objective.state)
                 # Only with --skip_nonfinite_steps: a host sync (and, with several processes, a collective).
                 finite = not cfg.skip_nonfinite_steps or all_finite(accelerator, loss)
-                # Backward and optimizer step; a skipped micro-batch leaves the algorithm's state as it was.
+                # Backward, gradient norm (and clipping) once the gradients are whole, optimizer step; a skipped
+                # micro-batch leaves the algorithm's state as it was.
                 if finite:
                     accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        stats["grad_norm"] = run.clip_gradients()
                     run.optimizer.step()
-                    state.objective = objective_state
+                    run.objective.state = objective_state
                 # Statistics stay on the device until a logging step.
                 run.log.add(stats if finite else None, views.rows)
         # Schedule and EMA. A skipped step (its last micro-batch skipped) still advances the schedule.
@@ -161,7 +169,7 @@ def loop(run: Run, stop: StopSignal) -> None:
 def finish(run: Run) -> Dict:
     """Final evaluation and checkpoint, the EMA model, eval_results.json and the plots."""
     cfg, accelerator, state, data = run.cfg, run.accelerator, run.state, run.rd.data
-    if not finite_weights(run.live_model, run.log.window.sums["loss"]):
+    if not finite_weights(run.live_model, run.log.window.sums.get("loss")):
         raise run.nonfinite(state.step)
     result = run.evaluator(state.step)
     if cfg.checkpointing_steps and state.step % cfg.checkpointing_steps:
@@ -196,13 +204,15 @@ def setup_run(start: Start) -> Run:
     """Data, model, optimizer, EMA, resume, and what the run writes."""
     from accelerate.utils import set_seed
 
-    cfg, sources, resume_path, replacing, split_from_checkpoint, notes = start
+    cfg = start.cfg
     accelerator = make_accelerator(cfg, trackers(cfg.report_to))
-    for note in notes:
+    for note in start.notes:
         accelerator.print(note)
     set_seed(cfg.seed)
-    rd = setup_data(cfg, sources, accelerator, resume_path if split_from_checkpoint else None, replacing)
-    model, optimizer, scheduler, loaders = setup_model(cfg, accelerator, rd, resuming=resume_path is not None)
+    resuming = start.resume_path is not None
+    rd = setup_data(cfg, start.sources, accelerator, start.resume_path if start.split_from_checkpoint else None,
+                    start.replacing)
+    model, optimizer, scheduler, loaders = setup_model(cfg, accelerator, rd, resuming=resuming)
     live_model = accelerator.unwrap_model(model)
     ema = ModelEMA(live_model, cfg.ema_decay)
     ema.module.to(accelerator.device)  # the EMA copy is never prepared: it is evaluated and saved as it is
@@ -218,27 +228,29 @@ def setup_run(start: Start) -> Run:
     mean = torch.tensor(rd.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(rd.std, device=device).view(1, -1, 1, 1)
     objective = setup_objective(cfg, rd, accelerator)
-    state.objective = objective.init_state(device)
-    if resume_path is not None:
-        load_checkpoint(accelerator, resume_path, state, ema, generator)
+    objective.init_state(device)
+    # What a checkpoint holds besides accelerate's model, optimizer, schedule and RNG states, by file name.
+    checkpointer = Checkpointer(accelerator, cfg, state, Components(
+        shared=dict(trainer_state=state, ema=ema.module, objective=objective),
+        per_process=dict(generator=GeneratorState(generator))))
+    if resuming:
+        checkpointer.load(start.resume_path)
         schedule_at(scheduler, state.step)
-        accelerator.print(f"resumed from {resume_path} at step {state.step}"
-                          + (", labeled split from the checkpoint" if split_from_checkpoint else ""))
+        accelerator.print(f"resumed from {start.resume_path} at step {state.step}"
+                          + (", labeled split from the checkpoint" if start.split_from_checkpoint else ""))
     resolved = rd.resolved
     resize = (functools.partial(augment.resize_batch, size=resolved.image_size, interpolation=resolved.interpolation)
               if resolved.load_size != resolved.image_size else None)
-    step = TrainStep(cfg, model, objective, mean=mean, std=std, channels_last=resolved.channels_last,
-                     augment_device=resolved.augment_device, pad=resolved.crop_padding, generator=generator,
-                     device=device, resize=resize)
+    train_step = TrainStep(cfg, model, objective, mean=mean, std=std, channels_last=resolved.channels_last,
+                           augment_device=resolved.augment_device, pad=resolved.crop_padding, generator=generator,
+                           device=device, resize=resize)
     if accelerator.is_main_process:
-        write_run_config(cfg, sources, accelerator, rd.data, rd.resolved, rd.mean, rd.std, len(rd.labeled_idx),
-                         model_args(live_model))
+        write_run_config(cfg, start.sources, accelerator, data=rd.data, resolved=rd.resolved, mean=rd.mean,
+                         std=rd.std, num_labeled=len(rd.labeled_idx), model_args=model_args(live_model))
     if cfg.report_to != "none":
         accelerator.init_trackers("fixmatch", config={k: v for k, v in cfg.to_dict().items() if v is not None})
-    checkpointer = Checkpointer(accelerator, cfg, state, ema, generator)
-    log = RunLog(accelerator, cfg, state, num_classes=rd.data.num_classes, averaged=objective.averaged_stats,
-                 resumed=resume_path is not None,
-                 bad_images=rd.bad_images,
+    log = RunLog(accelerator, cfg, state, resumed=resuming, bad_images=rd.bad_images,
+                 console=objective.algorithm.console,
                  nonfinite=lambda step, since: nonfinite(step, since, checkpointer.latest(),
                                                          accelerator.mixed_precision))  # an error to raise
     labeled_loader, unlabeled_loader, eval_loader = loaders
@@ -247,10 +259,12 @@ def setup_run(start: Start) -> Run:
         lambda images: model_inputs(resize(images) if resize else images, mean, std,
                                     channels_last=resolved.channels_last),
         rd.data.num_classes, sharded=isinstance(eval_loader, StreamLoader) or is_xla(device),
-        skipped_before=rd.bad_eval, log=log, show_progress=log.show_bar)
-    return Run(cfg, accelerator, rd, model, live_model, optimizer, scheduler, ema, state, step,
-               endless(labeled_loader, "labeled", state.positions, accelerator),
-               endless(unlabeled_loader, "unlabeled", state.positions, accelerator), log, evaluator, checkpointer)
+        skipped_before=rd.num_bad_eval, log=log, show_progress=log.show_bar)
+    return Run(cfg=cfg, accelerator=accelerator, rd=rd, model=model, live_model=live_model, optimizer=optimizer,
+               scheduler=scheduler, ema=ema, state=state, objective=objective, train_step=train_step,
+               labeled=endless(labeled_loader, "labeled", state.positions, accelerator),
+               unlabeled=endless(unlabeled_loader, "unlabeled", state.positions, accelerator),
+               log=log, evaluator=evaluator, checkpointer=checkpointer)
 
 
 def setup_data(cfg: TrainConfig, sources: Dict[str, str], accelerator, split_checkpoint: Optional[str],
@@ -297,7 +311,7 @@ def setup_data(cfg: TrainConfig, sources: Dict[str, str], accelerator, split_che
     bad_images.read(labeled_idx, bad_labeled)
     if not data.streaming:  # a stream's sample is its (readable) labeled examples
         bad_images.read(rows, bad_sampled)
-    cache, bad_eval = None, []
+    cache, bad_eval = None, []  # (row, file) of each unreadable eval image the cache leaves out
     if resolved.cache_decoded:
         cache, bad_train, bad_eval, decoded = decode_cache(cfg, data, resolved.load_size, show_progress)
         bad_images.read(range(decoded), bad_train)
@@ -307,7 +321,8 @@ def setup_data(cfg: TrainConfig, sources: Dict[str, str], accelerator, split_che
     bad_images.check_setup(f"{len(bad_labeled)} of them labeled, {how}" if bad_labeled else "")
     loaders = build_loaders(cfg, data, labeled_idx, labeled_rows, resolved.load_size, resolved.crop_padding,
                             resolved.augment_device, accelerator, cache=cache)
-    return RunData(data, labeled_idx, resolved, mean, std, bad_images, len(bad_eval), loaders)
+    return RunData(data=data, labeled_idx=labeled_idx, resolved=resolved, mean=mean, std=std, bad_images=bad_images,
+                   num_bad_eval=len(bad_eval), loaders=loaders)
 
 
 def setup_objective(cfg: TrainConfig, rd: RunData, accelerator):

@@ -12,11 +12,12 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from fixmatch_accel.algorithms.objective import Objective, state_tensors
+from fixmatch_accel.algorithms import ALGORITHMS
+from fixmatch_accel.algorithms.objective import Objective
 from fixmatch_accel.launch import step_collectives
 
-CASES = [("fixmatch", "labeled"), ("flexmatch", "none"), ("freematch", "none"), ("softmatch", "uniform"),
-         ("flexmatch", "uniform")]
+# Every registered algorithm with its default alignment, and the two other alignments once each.
+CASES = [(a.name, a.dist_align) for a in ALGORITHMS.values()] + [("fixmatch", "labeled"), ("flexmatch", "uniform")]
 C, B, N, STEPS, SLOTS = 5, 3, 8, 4, 12  # classes, labeled and unlabeled samples per process, steps, examples
 
 
@@ -48,7 +49,7 @@ def run(objective, steps, step_fn):
         loss.backward()
         losses.append(loss.detach())
         grads.append(logits_u_s.grad)
-    return dict(state=state_tensors(state), losses=torch.stack(losses), grads=grads)
+    return dict(state=objective.tensors(state), losses=torch.stack(losses), grads=grads)
 
 
 def main(out_dir: str) -> None:
@@ -58,7 +59,7 @@ def main(out_dir: str) -> None:
     labeled_labels = torch.tensor([0, 0, 1, 2, 3, 4, 4, 4])
     results, single = {}, {}
     for algorithm, align in CASES:
-        kw = dict(num_classes=C, threshold=0.95, temperature=1.0, lambda_u=1.0, dist_align=align, momentum=0.9,
+        kw = dict(num_classes=C, threshold=0.95, temperature=1.0, lambda_u=1.0, dist_align=align, stats_momentum=0.9,
                   num_slots=SLOTS, dist_target=labeled_labels.bincount(minlength=C).float())
         name = f"{algorithm}-{align}"
         shared = Objective(algorithm, **kw, all_sum=step_collectives(accelerator)[0],

@@ -404,3 +404,62 @@ def test_one_step_of_each_algorithm_compiles_fullgraph_and_matches_eager():
                     torch.testing.assert_close(ta, tb, msg=step.__name__)
             c_loss.backward()
             assert torch.isfinite(ls.grad).all()
+
+
+def test_adamatch_aligns_to_labeled_predictions_and_thresholds_relative_to_labeled_confidence():
+    """AdaMatch's SSL step by hand (Berthelot et al., 2021, sec. 3: distribution alignment, relative threshold).
+
+    Labeled probabilities [0.9, 0.1] and [0.1, 0.9]: mean [0.5, 0.5] (p_target stays uniform), mean confidence
+    0.9, so c_tau = 0.8 * 0.9 = 0.72. Unlabeled weak [0.9, 0.1] and [0.5, 0.5]: p_model = their mean [0.7, 0.3]
+    (the first update). Aligned: p * [5/7, 5/3] renormalised = [27/34, 7/34] (used: 0.794 >= 0.72, class 0) and
+    [0.3, 0.7] (not used: 0.7 < 0.72).
+    """
+    from fixmatch_accel.algorithms import adamatch
+    from fixmatch_accel.algorithms.objective import Objective
+
+    objective = Objective("adamatch", num_classes=2, threshold=0.8, temperature=1.0, lambda_u=1.0,
+                          stats_momentum=0.5)
+    ln9 = math.log(9.0)
+    logits_x = torch.tensor([[ln9, 0.0], [0.0, ln9]])
+    logits_u_w = torch.tensor([[ln9, 0.0], [0.0, 0.0]])
+    logits_u_s = torch.zeros(2, 2)
+    loss, stats, state = objective(objective.init_state(), logits_x, torch.tensor([0, 1]), logits_u_w, logits_u_s,
+                                   torch.arange(2), torch.ones(2, dtype=torch.bool), torch.tensor([0, 0]))
+    assert state.algorithm.p_model.tolist() == approx([0.7, 0.3])
+    assert state.algorithm.p_target.tolist() == approx([0.5, 0.5])
+    assert int(state.algorithm.steps) == 1
+    assert adamatch.align(weak_probs(logits_u_w), state.algorithm).tolist() == [approx([27 / 34, 7 / 34]),
+                                                                                 approx([0.3, 0.7])]
+    assert stats["threshold_per_class"].tolist() == approx([0.72, 0.72])
+    assert stats["mask_ratio"].item() == 0.5 and stats["mask_per_class"].tolist() == [1.0, 0.0]
+    assert stats["pseudo_label_correct"].item() == 1.0  # the used sample's pseudo-label 0 is its true label
+    # loss_x = -ln 0.9 for each labeled sample; loss_u = (ln 2 * 1 + ln 2 * 0) / 2 over both unlabeled samples
+    assert stats["loss_x"].item() == approx(-math.log(0.9))
+    assert stats["loss_u"].item() == approx(math.log(2.0) / 2)
+    assert loss.item() == approx(-math.log(0.9) + math.log(2.0) / 2)
+    # Both running means then move by (1 - m) towards the next batch's means: p_target from uniform, p_model
+    # from the first batch's mean.
+    moved = adamatch.update_state(state.algorithm, adamatch.batch_statistics(
+        torch.tensor([[0.9, 0.1], [0.9, 0.1]]), torch.tensor([[0.3, 0.7], [0.3, 0.7]])), momentum=0.5)
+    assert moved.p_model.tolist() == approx([0.5, 0.5]) and moved.p_target.tolist() == approx([0.7, 0.3])
+
+
+def test_adamatch_statistics_of_two_halves_summed_are_the_whole_batch():
+    from fixmatch_accel.algorithms import adamatch
+
+    g = torch.Generator().manual_seed(3)
+    probs_x, probs_u = torch.rand(6, 4, generator=g).softmax(-1), torch.rand(10, 4, generator=g).softmax(-1)
+    whole = adamatch.batch_statistics(probs_x, probs_u)
+    halves = summed(adamatch.batch_statistics(probs_x[:3], probs_u[:5]),
+                    adamatch.batch_statistics(probs_x[3:], probs_u[5:]))
+    for k in whole:
+        torch.testing.assert_close(halves[k], whole[k])
+    # the relative threshold is tau x the mean labeled confidence of the whole batch (USB's, on gathered logits)
+    assert adamatch.relative_threshold(halves, 0.95).item() == approx(0.95 * probs_x.max(-1).values.mean().item())
+
+
+def test_adamatch_refuses_another_alignment():
+    from fixmatch_accel.algorithms.objective import Objective
+
+    with pytest.raises(ValueError, match="does not apply to adamatch"):
+        Objective("adamatch", num_classes=3, dist_align="uniform")

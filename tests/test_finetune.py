@@ -82,8 +82,7 @@ def test_gradient_accumulation_is_one_large_batch_for_a_model_without_batchnorm(
 
     loss, big_stats, _ = forward_loss(model, state, x, y, u_w, u_s, u_y, rows, **kw)
     loss.backward()
-    big, small = Window(torch.device("cpu"), 4, objective.averaged_stats), Window(torch.device("cpu"), 4,
-                                                                                 objective.averaged_stats)
+    big, small = Window(torch.device("cpu")), Window(torch.device("cpu"))
     big.add(big_stats, rows)
     for half in (slice(0, 2), slice(2, 4)):
         part = slice(half.start * 2, half.stop * 2)

@@ -4,12 +4,12 @@
 import pytest
 import torch
 from conftest import ROOT, accelerate_launch, run_train
+from objective_two_processes import CASES  # every registered algorithm
 
-from fixmatch_accel.algorithms.objective import Objective, load_state_tensors, state_tensors
+from fixmatch_accel.algorithms import ALGORITHMS
+from fixmatch_accel.algorithms.objective import Objective
 from fixmatch_accel.config import parse_args
-
-# Linear in the samples: the mean of the two processes' losses is the loss of the whole batch.
-LINEAR = ("fixmatch-labeled", "flexmatch-none", "softmatch-uniform", "flexmatch-uniform")
+from fixmatch_accel.runlog import DERIVED, TOTALS
 
 
 def test_two_processes_hold_the_state_of_one_process_fed_both_batches(tmp_path):
@@ -21,8 +21,8 @@ def test_two_processes_hold_the_state_of_one_process_fed_both_batches(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank_{r}.pt") for r in (0, 1)]
     single = torch.load(tmp_path / "single.pt")
-    assert set(single) == {"fixmatch-labeled", "flexmatch-none", "freematch-none", "softmatch-uniform",
-                           "flexmatch-uniform"}
+    assert set(single) == {f"{a}-{align}" for a, align in CASES} >= {f"{a}-none" for a in ALGORITHMS
+                                                                    if ALGORITHMS[a].dist_align == "none"}
     for name, alone in single.items():
         for variant in (name, name + "-compiled"):
             for r in ranks:
@@ -32,7 +32,7 @@ def test_two_processes_hold_the_state_of_one_process_fed_both_batches(tmp_path):
                         assert torch.equal(r[variant]["state"][k], v), (variant, k)
                     else:
                         torch.testing.assert_close(r[variant]["state"][k], v, msg=f"{variant} {k}")
-            if name in LINEAR:
+            if ALGORITHMS[name.split("-")[0]].sample_mean_loss:  # the mean of the two losses is the whole batch's
                 torch.testing.assert_close((ranks[0][variant]["losses"] + ranks[1][variant]["losses"]) / 2,
                                            alone["losses"], msg=variant)
                 for step, grad in enumerate(alone["grads"]):  # each process's mean is over half the samples
@@ -47,17 +47,17 @@ def test_state_round_trips_through_named_tensors_and_refuses_another_shape():
     objective = Objective("flexmatch", num_classes=3, threshold=0.95, temperature=1.0, lambda_u=1.0,
                           dist_align="uniform", num_slots=6, num_unlabeled=4)
     state = objective.init_state()
-    saved = {k: v + 1 if v.dtype != torch.long else v for k, v in state_tensors(state).items()}
+    saved = {k: v + 1 if v.dtype != torch.long else v for k, v in objective.tensors(state).items()}
     assert set(saved) == {"flexmatch.selected_label", "flexmatch.num_unlabeled", "dist_align.p_model",
                           "dist_align.p_target", "dist_align.steps"}
-    loaded = load_state_tensors(state, saved)
+    loaded = objective.from_tensors(state, saved)
     assert torch.equal(loaded.dist_align.p_model, state.dist_align.p_model + 1)
     with pytest.raises(ValueError, match="flexmatch.selected_label has shape"):
-        load_state_tensors(state, dict(saved, **{"flexmatch.selected_label": torch.zeros(5, dtype=torch.long)}))
+        objective.from_tensors(state, dict(saved, **{"flexmatch.selected_label": torch.zeros(5, dtype=torch.long)}))
     with pytest.raises(KeyError, match="dist_align.p_model"):
-        load_state_tensors(state, {k: v for k, v in saved.items() if k != "dist_align.p_model"})
-    assert state_tensors(Objective("fixmatch", num_classes=3, threshold=0.9, temperature=1.0,
-                                   lambda_u=1.0).init_state()) == {}
+        objective.from_tensors(state, {k: v for k, v in saved.items() if k != "dist_align.p_model"})
+    fixmatch = Objective("fixmatch", num_classes=3, threshold=0.9, temperature=1.0, lambda_u=1.0)
+    assert fixmatch.tensors(fixmatch.init_state()) == {}
 
 
 def test_flexmatch_unused_count_leaves_out_rows_that_are_not_unlabeled():
@@ -81,16 +81,18 @@ def test_a_replaced_unreadable_image_never_updates_flexmatch_state():
 
 
 @pytest.mark.parametrize("algorithm,extra", [("fixmatch", set()), ("flexmatch", set()), ("freematch", {"loss_f"}),
-                                             ("softmatch", {"mean_weight"})])
+                                             ("softmatch", {"mean_weight"}), ("adamatch", set())])
 def test_every_algorithm_reports_thresholds_and_its_averaged_stats(algorithm, extra):
     objective = Objective(algorithm, num_classes=3, threshold=0.7, temperature=1.0, lambda_u=1.0, num_slots=8)
     g = torch.Generator().manual_seed(1)
     loss, stats, _ = objective(objective.init_state(), torch.randn(2, 3, generator=g), torch.tensor([0, 2]),
                                torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g),
                                torch.arange(4), torch.ones(4, dtype=torch.bool))
-    assert set(objective.averaged_stats) == {"threshold_per_class"} | extra
-    for k, shape in objective.averaged_stats.items():
-        assert stats[k].shape == shape, k
+    # What the run log averages besides the losses: the stats that are neither totals nor derived from them.
+    averaged = set(stats) - set(TOTALS) - set(DERIVED) - {"loss", "loss_x", "loss_u"}
+    assert averaged == {"threshold_per_class"} | extra
+    for k in averaged:
+        assert stats[k].shape == ((3,) if k == "threshold_per_class" else ()), k
     assert torch.isfinite(loss)
 
 

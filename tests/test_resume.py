@@ -363,7 +363,8 @@ def test_sigterm_to_a_two_process_launch_checkpoints_through_torchrun(tmp_path):
 
 @pytest.mark.parametrize("algorithm, extra", [("flexmatch", ["--threshold", "0.3", "--dist_align", "labeled"]),
                                               ("freematch", ["--stats_momentum", "0.5"]),
-                                              ("softmatch", ["--stats_momentum", "0.5"])])
+                                              ("softmatch", ["--stats_momentum", "0.5"]),
+                                              ("adamatch", ["--stats_momentum", "0.5", "--threshold", "0.5"])])
 def test_resume_is_exact_for_every_algorithm(tmp_path, algorithm, extra):
     """Resumed at step 4 of 8: the algorithm's state comes back from objective.safetensors, so every later
     step's loss and the final weights are the uninterrupted run's; another --algorithm is refused."""
@@ -383,3 +384,24 @@ def test_resume_is_exact_for_every_algorithm(tmp_path, algorithm, extra):
     with pytest.raises(UsageError, match=f"cannot load it with --algorithm 'fixmatch': its run was trained with "
                                          f"--algorithm '{algorithm}'"):
         check_start(*other)
+
+
+def test_a_checkpoint_of_the_earlier_layout_resumes_exactly(tmp_path):
+    """tests/data/checkpoint_b75ee29: step 2 of a 4-step FlexMatch run (labeled alignment, no threshold warm-up, so
+    its thresholds come from the saved per-example labels at once) written by commit b75ee29,
+    before the checkpoint walked its components; metrics_after.jsonl holds that run's steps 3 and 4. Resumed by
+    this code, the same steps log the same losses and thresholds."""
+    data = ROOT / "tests" / "data" / "checkpoint_b75ee29"
+    checkpoint = tmp_path / "old" / "checkpoints" / "step_2"
+    shutil.copytree(data / "step_2", checkpoint)
+    args = QUICK + ["--max_train_steps", 4, "--algorithm", "flexmatch", "--dist_align", "labeled", "--threshold",
+                    0.12, "--no-flexmatch_warmup", "--output_dir", tmp_path / "resumed",
+                    "--resume_from_checkpoint", checkpoint]
+    check_ok(run_train(args))
+    rows = {r["step"]: r for r in map(json.loads, (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r}
+    then = [json.loads(line) for line in (data / "metrics_after.jsonl").read_text().splitlines()]
+    assert sorted(rows) == [3, 4] == [r["step"] for r in then]
+    for old in then:
+        for key, value in old.items():
+            assert rows[old["step"]][key] == pytest.approx(value, rel=1e-6, abs=1e-7), (old["step"], key)

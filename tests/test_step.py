@@ -7,7 +7,7 @@ import torch
 from fixmatch_accel import augment
 from fixmatch_accel.algorithms.objective import Objective
 from fixmatch_accel.models import create_model
-from fixmatch_accel.step import forward_loss, strong_forward_loss
+from fixmatch_accel.step import StrongInputs, forward_loss, strong_forward_loss
 
 FIXMATCH = Objective("fixmatch", num_classes=10, threshold=0.5, temperature=1.0, lambda_u=1.0)
 KW = dict(mean=torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1), std=torch.tensor([0.2, 0.2, 0.25]).view(1, 3, 1, 1),
@@ -33,7 +33,8 @@ def test_augment_forward_loss_compiles_fullgraph(config):
     model = create_model("small_cnn", 10).train()
     x, y, u_w, u_y, g = batch()
     base = augment.weak_batch(u_w, pad=2, generator=g)  # stands in for the strong view's own flip + crop
-    strong = (base, augment.sample_rand_augment_params(u_w.shape[0], config, generator=g, image_size=(16, 16)))
+    strong = StrongInputs(base, augment.sample_rand_augment_params(u_w.shape[0], config, generator=g,
+                                                                  image_size=(16, 16)))
 
     rows = torch.arange(u_y.shape[0])
 

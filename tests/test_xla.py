@@ -16,6 +16,8 @@ from conftest import run_train
 from safetensors.torch import load_file
 from test_e2e import TINY_DIGITS, check_ok
 
+from fixmatch_accel.algorithms import ALGORITHMS
+
 pytestmark = [pytest.mark.xla,
               pytest.mark.skipif(importlib.util.find_spec("torch_xla") is None, reason="torch_xla is not installed")]
 
@@ -141,8 +143,12 @@ def test_compile_flag_is_one_clear_line_on_xla(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("fixmatch-train: error: --compile (torch.compile) is not")
 
 
-@pytest.mark.parametrize("algorithm", [["--algorithm", "flexmatch", "--dist_align", "labeled"],
-                                       ["--algorithm", "freematch"], ["--algorithm", "softmatch"]])
+# Every registered algorithm but fixmatch (the run above); flexmatch with the labeled alignment as well.
+ALIGNED = {"flexmatch": ["--dist_align", "labeled"]}
+
+
+@pytest.mark.parametrize("algorithm", [["--algorithm", name, *ALIGNED.get(name, [])]
+                                       for name in ALGORITHMS if name != "fixmatch"])
 def test_every_algorithm_compiles_once_and_agrees_with_eager(tmp_path, algorithm):
     """The algorithms' statistics (FlexMatch's scatter_reduce(amax) included) lower to XLA: after the warm-up
     no step compiles anything, nothing falls back to the CPU, and the first steps log eager's numbers."""

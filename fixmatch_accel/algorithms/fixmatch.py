@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .common import consistency_loss, weak_probs
+from .registry import Algorithm, register
 
 
 def fixmatch_loss(
@@ -67,3 +68,16 @@ def _fixmatch(logits_x, targets_x, probs_u_w, logits_u_s, threshold, lambda_u, t
     return consistency_loss(
         logits_x, targets_x, logits_u_s, pseudo_labels, mask, lambda_u=lambda_u, targets_u=targets_u
     )
+
+
+@register
+class FixMatch(Algorithm):
+    name, title = "fixmatch", "FixMatch"
+    summary = "fixmatch (fixed --threshold)"
+    uses = ("threshold",)
+
+    def step(self, state, batch, collectives):
+        total, stats = loss(batch.logits_x, batch.targets_x, batch.aligned_u_w, batch.logits_u_s,
+                            threshold=self.settings.threshold, lambda_u=self.settings.lambda_u,
+                            targets_u=batch.targets_u)
+        return total, stats, state

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .common import consistency_loss
+from .registry import Algorithm, Setting, register
 
 
 class FlexMatchState(NamedTuple):
@@ -107,3 +108,30 @@ def loss(
     )
     stats["threshold_per_class"] = per_class
     return total, stats
+
+
+@register
+class FlexMatch(Algorithm):
+    name, title = "flexmatch", "FlexMatch"
+    summary = "flexmatch (per-class thresholds from each class's learning effect)"
+    own_settings = (Setting("flexmatch_warmup", True, "flexmatch: threshold warm-up (examples not yet pseudo-labeled "
+                                                       "count in the learning effect's denominator)."),)
+    uses = ("threshold",)
+    mask_means = "confidence \u2265 their class's threshold"
+    threshold_is_ceiling = True
+
+    def init_state(self, device=None):
+        return FlexMatchState.init(self.num_classes, self.num_slots, device, self.num_unlabeled)
+
+    def step(self, state, batch, collectives):
+        s = self.settings
+        # Masked with the state before this batch; the batch's confident labels update it after (USB's order).
+        total, stats = loss(batch.logits_x, batch.targets_x, batch.aligned_u_w, batch.logits_u_s, state,
+                            lambda_u=s.lambda_u, threshold=s.threshold, warmup=s.flexmatch_warmup,
+                            targets_u=batch.targets_u)
+        mine = batch_statistics(batch.aligned_u_w, batch.indices, threshold=s.threshold)
+        mine["confident"] = mine["confident"] * batch.valid.long()
+        # One gather of [N, 3] rows: every process receives the same triples in the same order.
+        gathered = collectives.gather(torch.stack([mine["index"], mine["label"], mine["confident"]], dim=1))
+        return total, stats, update_state(
+            state, dict(index=gathered[:, 0], label=gathered[:, 1], confident=gathered[:, 2]))

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .common import class_counts, consistency_loss
+from .registry import Algorithm, Setting, register
 
 
 class FreeMatchState(NamedTuple):
@@ -109,3 +110,25 @@ def loss(
     stats["loss_f"] = loss_f.detach()
     stats["threshold_per_class"] = per_class
     return total, stats
+
+
+@register
+class FreeMatch(Algorithm):
+    name, title = "freematch", "FreeMatch"
+    summary = "freematch (self-adaptive thresholds + fairness loss)"
+    own_settings = (Setting("freematch_fairness", 0.001, "freematch: weight of the self-adaptive fairness loss "
+                                                         "(USB's CIFAR setting).", bound="non-negative"),)
+    uses = ("stats_momentum",)
+    console = (("mask", "mask_ratio"), ("loss_f", "loss_f"))
+    sample_mean_loss = False
+    mask_means = "confidence \u2265 their class's threshold"
+
+    def init_state(self, device=None):
+        return FreeMatchState.init(self.num_classes, device)
+
+    def step(self, state, batch, collectives):
+        s = self.settings
+        state = update_state(state, collectives.sum(batch_statistics(batch.aligned_u_w)), momentum=s.stats_momentum)
+        total, stats = loss(batch.logits_x, batch.targets_x, batch.aligned_u_w, batch.logits_u_s, state,
+                            lambda_u=s.lambda_u, lambda_f=s.freematch_fairness, targets_u=batch.targets_u)
+        return total, stats, state

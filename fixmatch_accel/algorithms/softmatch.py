@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .common import consistency_loss
+from .registry import Algorithm, Setting, register
 
 
 class SoftMatchState(NamedTuple):
@@ -94,3 +95,29 @@ def loss(
     stats["threshold_per_class"] = state.prob_max_mu.expand(probs_u_w.shape[-1]).clone()
     stats["mean_weight"] = weight.mean()
     return total, stats
+
+
+@register
+class SoftMatch(Algorithm):
+    name, title = "softmatch", "SoftMatch"
+    summary = "softmatch (truncated-Gaussian sample weights)"
+    own_settings = (Setting("softmatch_n_sigma", 2.0, "softmatch: standard deviations of the weight's Gaussian "
+                                                      "tail.", bound="positive"),)
+    uses = ("stats_momentum",)
+    dist_align = "uniform"  # its uniform alignment (eq. 9), used for the weights
+    console = (("weight", "mean_weight"),)  # every weight is non-zero: the mask ratio is always 1
+    mask_means = "a non-zero weight"
+    equal_thresholds_mean = "the running mean max-probability"
+
+    def init_state(self, device=None):
+        return SoftMatchState.init(self.num_classes, device)
+
+    def step(self, state, batch, collectives):
+        s = self.settings
+        # The weight comes from the aligned probabilities, the pseudo-labels from the raw ones (USB).
+        state = update_state(state, collectives.sum(batch_statistics(batch.aligned_u_w, state)),
+                             momentum=s.stats_momentum)
+        total, stats = loss(batch.logits_x, batch.targets_x, batch.probs_u_w, batch.logits_u_s, state,
+                            lambda_u=s.lambda_u, n_sigma=s.softmatch_n_sigma, weight_probs=batch.aligned_u_w,
+                            targets_u=batch.targets_u)
+        return total, stats, state
