@@ -240,3 +240,22 @@ def test_two_process_training_logs_global_statistics(tmp_path):
     assert on_0 == on_1
     saved = {k: float(v.double().sum()) for k, v in load_file(out / "model.safetensors").items()}
     assert saved == pytest.approx({k: v for k, v in on_0.items() if k in saved})
+
+
+def test_grad_norm_is_logged_before_clipping_and_max_grad_norm_clips(tmp_path):
+    """Every training row has grad_norm, the gradients' total norm before clipping: the first step's is the same
+    with and without --max_grad_norm. A limit far above it changes no weight (the gradients are scaled by exactly
+    1); a limit below it changes the run."""
+    args = TINY_DIGITS + ["--augment_device", "accelerator", "--max_train_steps", 3, "--logging_steps", 1,
+                          "--eval_steps", 0, "--checkpointing_steps", 0]
+    runs = {name: tmp_path / name for name in ("free", "high", "low")}
+    for name, extra in (("free", []), ("high", ["--max_grad_norm", 1e9]), ("low", ["--max_grad_norm", 1e-3])):
+        check_ok(run_train(args + extra + ["--output_dir", runs[name]]))
+    rows = {name: read_metrics(out)[0] for name, out in runs.items()}
+    norms = [r["grad_norm"] for r in rows["free"]]
+    assert len(norms) == 3 and all(math.isfinite(n) and n > 1e-3 for n in norms)
+    assert rows["low"][0]["grad_norm"] == pytest.approx(norms[0], rel=1e-6)  # before clipping
+    assert [r["grad_norm"] for r in rows["high"]] == norms
+    weights = {name: load_file(out / "model.safetensors") for name, out in runs.items()}
+    assert all(torch.equal(weights["free"][k], weights["high"][k]) for k in weights["free"])
+    assert not all(torch.equal(weights["free"][k], weights["low"][k]) for k in weights["free"])
