@@ -20,7 +20,7 @@ def _train(argv: Optional[List[str]]) -> int:
     try:
         train(cfg, sources, start)
     except Stopped as e:
-        print(f"fixmatch-train: {'' if e.exit_code == 0 else 'error: '}{e}", file=sys.stderr)
+        print(f"fixmatch-train: {'error: ' if e.error else ''}{e}", file=sys.stderr)
         return e.exit_code
     return 0
 
