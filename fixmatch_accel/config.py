@@ -84,7 +84,7 @@ class TrainConfig:
     crop_padding: Optional[int] = _f(None, "Reflect-pad-and-crop shift of the weak view in pixels; default: image_size / 8 (4 px at 32, the paper's 12.5%).")
 
     # Optimisation
-    learning_rate: float = _f(0.03, "Peak learning rate (of the last layers, with --layer_decay); a pretrained run's default with adamw: 5e-4.")
+    learning_rate: float = _f(0.03, "Peak learning rate (of the last layers, with --layer_decay); default: the optimizer's, 0.03 for sgd (the paper's), 5e-4 for adamw (a fine-tuning rate; 0.03 is far too high for AdamW).")
     optimizer: str = _f("sgd", "sgd (Nesterov, the paper's) or adamw (a pretrained run's default); timm's create_optimizer_v2 builds adamw and any --layer_decay.", choices=("sgd", "adamw"))
     layer_decay: Optional[float] = _f(None, "Layer-wise learning-rate decay (timm's): a layer d blocks below the head trains at lr * layer_decay**d; needs a timm model with layer groups (ViTs, ResNets, ...); default: off (1.0 is off too), 0.65 for a pretrained ViT.")
     warmup_steps: int = _f(0, "Optimizer steps of linear warm-up, lr * (k+1)/W for k < W, before the cosine decay, which then spans the remaining K - W steps; a pretrained run's default: K / 40.")
@@ -311,6 +311,11 @@ def _print_presets() -> None:
 # fixmatch_semi_aves_3959_0.yaml), lr 5e-05 and no layer decay for EuroSAT (fixmatch_eurosat_20_0.yaml).
 PRETRAINED_OPTIMIZER = "adamw"
 PRETRAINED_ADAMW_LR = 5e-4  # the middle of USB's range, its CIFAR setting; an AdamW rate, so only with adamw
+# The learning rate an optimizer takes when no layer sets one: SGD the paper's (the field default), AdamW the
+# fine-tuning rate above. Recorded with the source "optimizer"; a pretrained run's says "pretrained".
+OPTIMIZER_LR = dict(sgd=0.03, adamw=PRETRAINED_ADAMW_LR)
+# Sources of values no one asked for (a resumed run continues with its checkpoint's instead).
+IMPLIED_SOURCES = ("default", "demo", "pretrained", "optimizer")
 PRETRAINED_LAYER_DECAY = 0.65  # USB's for timm's ViT layout (patch16), BEiT's and MAE's; only for LAYER_DECAY_MODELS
 PRETRAINED_WARMUP_DIVISOR = 40  # warm-up steps = --max_train_steps // 40: USB's 5120 of 204800
 LAYER_DECAY_MODELS = ("vit", "deit", "beit", "eva")  # name prefixes of the ViTs that fine-tune with layer decay
@@ -330,6 +335,20 @@ def _apply_pretrained_defaults(values: Dict[str, Any], sources: Dict[str, str]) 
     put("warmup_steps", values["max_train_steps"] // PRETRAINED_WARMUP_DIVISOR)
 
 
+def _apply_optimizer_lr(values: Dict[str, Any], sources: Dict[str, str]) -> None:
+    """A learning rate no layer set follows the optimizer (--optimizer adamw alone must not train at SGD's 0.03)."""
+    if sources["learning_rate"] in ("default", "demo") and values["learning_rate"] != OPTIMIZER_LR[values["optimizer"]]:
+        values["learning_rate"], sources["learning_rate"] = OPTIMIZER_LR[values["optimizer"]], "optimizer"
+
+
+def optimizer_lr_note(cfg: TrainConfig, sources: Dict[str, str]) -> Optional[str]:
+    """One line when the learning rate is the optimizer's own default, or None (to print once)."""
+    if sources.get("learning_rate") != "optimizer":
+        return None
+    return (f"note: --optimizer {cfg.optimizer} without --learning_rate: its default {cfg.learning_rate:g} "
+            "(give --learning_rate to choose another)")
+
+
 def pretrained_defaults_note(cfg: TrainConfig, sources: Dict[str, str]) -> Optional[str]:
     """One line naming the settings a pretrained run took from the fine-tuning defaults, or None (to print once)."""
     taken = [f"--{name} {getattr(cfg, name)}" for name in ("optimizer", "learning_rate", "layer_decay", "warmup_steps")
@@ -345,7 +364,8 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[TrainConfig, Dict[str,
     Layers, lowest first, with the source recorded for each field: field defaults
     ("default"), the demo ("demo", only when no other layer names a dataset), the
     fine-tuning defaults of a pretrained run ("pretrained", for the values still at a
-    default or the demo's once every layer is read), a preset ("preset:NAME"), a config
+    default or the demo's once every layer is read), the learning rate of an --optimizer
+    when nothing else set one ("optimizer"), a preset ("preset:NAME"), a config
     file ("file:PATH"), command-line flags ("flag").
     """
     given = vars(build_parser().parse_args(argv))
@@ -372,6 +392,7 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[TrainConfig, Dict[str,
         values["hflip"], sources["hflip"] = False, "digits"  # a mirrored digit is another symbol, however named
     if values["pretrained"] or values["pretrained_file"] is not None:
         _apply_pretrained_defaults(values, sources)
+    _apply_optimizer_lr(values, sources)
     cfg = TrainConfig(**values)
     try:
         validate(cfg)
