@@ -358,6 +358,51 @@ def pretrained_defaults_note(cfg: TrainConfig, sources: Dict[str, str]) -> Optio
     return f"note: pretrained weights, so fine-tuning defaults: {', '.join(taken)} (a flag, preset or config file overrides them)"
 
 
+# What names a run's data, taken from one layer as a whole: a dataset or folder named by a higher layer (your own
+# data under --preset cifar10-40) replaces the lower layers' dataset with its config name, columns and splits,
+# which would not fit it.
+DATA_SOURCE = ("dataset_name", "dataset_config_name", "train_dir", "validation_dir", "image_column_name",
+               "label_column_name", "train_split", "eval_split")
+
+
+def _own_data_source(layers: List[Tuple[str, Dict[str, Any]]]) -> List[Tuple[str, Dict[str, Any]]]:
+    """The layers with every data source setting dropped from those below the highest one that names a dataset."""
+    names = [i for i, (_, layer) in enumerate(layers)
+             if any(layer.get(k) is not None for k in ("dataset_name", "train_dir"))]
+    if not names:
+        return layers
+    return [(source, {k: v for k, v in layer.items() if k not in DATA_SOURCE}) if i < names[-1] else (source, layer)
+            for i, (source, layer) in enumerate(layers)]
+
+
+def source_words(source: Optional[str]) -> Optional[str]:
+    """How an error names where a value came from, or None for a flag or a default."""
+    if source is None:
+        return None
+    if source.startswith("preset:"):
+        return f"--preset {source[len('preset:'):]}"
+    if source.startswith("file:"):
+        return f"--config {source[len('file:'):]}"
+    return "the checkpoint" if source == "checkpoint" else None
+
+
+def name_the_source(error: UsageError, cfg: TrainConfig, sources: Dict[str, str]) -> UsageError:
+    """An error about a --flag whose value a preset, config file or checkpoint set, saying which:
+    `--label_column_name 'fine_label' (from --preset NAME): no such column ...`."""
+    message = str(error)
+    m = re.match(r"--(\w+)", message)
+    words = source_words(sources.get(m.group(1))) if m else None
+    if words is None or f"(from {words})" in message:
+        return error
+    name = m.group(1)
+    value = getattr(cfg, name, None)
+    for shown in (repr(value), str(value)):
+        head = f"--{name} {shown}"
+        if message.startswith(head) and message[len(head):len(head) + 1] in (":", " ", ""):
+            return UsageError(f"{head} (from {words}){message[len(head):]}")
+    return UsageError(f"{message} (from {words})")
+
+
 def parse_args(argv: Optional[List[str]] = None) -> Tuple[TrainConfig, Dict[str, str]]:
     """Return the resolved config and, for each field, where its value came from.
 
@@ -365,7 +410,8 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[TrainConfig, Dict[str,
     ("default"), the demo ("demo", only when no other layer names a dataset), the
     fine-tuning defaults of a pretrained run ("pretrained", for the values still at a
     default or the demo's once every layer is read), the learning rate of an --optimizer
-    when nothing else set one ("optimizer"), a preset ("preset:NAME"), a config
+    when nothing else set one ("optimizer"), a preset (without its data source when a
+    higher layer names a dataset or folder: DATA_SOURCE) ("preset:NAME"), a config
     file ("file:PATH"), command-line flags ("flag").
     """
     given = vars(build_parser().parse_args(argv))
@@ -379,6 +425,7 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[TrainConfig, Dict[str,
         (f"file:{given.get('config')}", from_file),
         ("flag", given),
     ]
+    layers = _own_data_source(layers)
     values, sources = {}, {}
     for f in dataclasses.fields(TrainConfig):
         values[f.name], sources[f.name] = f.default, "default"
@@ -397,11 +444,7 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[TrainConfig, Dict[str,
     try:
         validate(cfg)
     except UsageError as e:  # say which layer set a bad value that did not come from a flag
-        m = re.match(r"--(\w+)", str(e))
-        source = sources.get(m.group(1), "flag") if m else "flag"
-        if source.startswith(("preset:", "file:")):
-            raise UsageError(f"{e} (set by {source})") from None
-        raise
+        raise name_the_source(e, cfg, sources) from None
     return cfg, sources
 
 
