@@ -3,10 +3,10 @@ that name the preset or file a bad value came from."""
 
 import io
 
+from conftest import run_refused, write_image_folder
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
-from conftest import run_refused, write_image_folder
 from fixmatch_accel.checkpoint import reconcile_resume
 from fixmatch_accel.config import parse_args
 from fixmatch_accel.preflight import check_start
