@@ -25,6 +25,9 @@ ALGORITHMS = ("fixmatch", "flexmatch", "freematch", "softmatch")
 # The models written here (fixmatch_accel/models.py BUILTIN_MODELS; a test keeps the two equal): timm has no
 # pretrained weights for them, though --pretrained_file loads a run's model.safetensors into one.
 BUILTIN_MODEL_NAMES = ("wrn28_2", "wrn28_8", "wrn37_2", "small_cnn")
+# The side each built-in model was made for (the paper's CIFAR/SVHN 32 px, STL-10's 96 px): the default image size
+# when the data's images are larger.
+BUILTIN_INPUT_SIZES = dict(wrn28_2=32, wrn28_8=32, wrn37_2=96, small_cnn=32)
 
 
 def builtin_without_weights(model: str) -> str:
@@ -52,7 +55,7 @@ class TrainConfig:
     max_eval_samples: Optional[int] = _f(None, "Use only the first N rows of the eval split (for debugging).")
     num_labeled: int = _f(4000, "Total labeled examples, class-balanced (num_labeled / num_classes per class).")
     labeled_split_file: Optional[str] = _f(None, "Reuse the labeled indices of a saved labeled_split.json instead of drawing them.")
-    image_size: Optional[int] = _f(None, "Square side in pixels that every image is resized to; default: the dataset's size when a sample of its images all have one size, else 32.")
+    image_size: Optional[int] = _f(None, "Square side in pixels: every image's shorter side is resized to it and the centre square kept; default: the model's input size with pretrained weights, else the dataset's size when a sample of its images all have one size and the model's input size (timm's pretrained_cfg; 32 for wrn28_*, 96 for wrn37_2) is not smaller, else the model's input size (32 when unknown).")
     dataloader_num_workers: int = _f(4, "DataLoader worker processes per training process (capped by the CPU count).")
     streaming: bool = _f(False, "Read the train and eval splits as streams (datasets' streaming=True): the labeled examples are kept in memory, the unlabeled data is read piece by piece and never held whole.")
     shuffle_buffer_size: int = _f(2000, "With --streaming: examples in each DataLoader worker's shuffle buffer (raw bytes in memory).")
@@ -315,7 +318,7 @@ PRETRAINED_ADAMW_LR = 5e-4  # the middle of USB's range, its CIFAR setting; an A
 # fine-tuning rate above. Recorded with the source "optimizer"; a pretrained run's says "pretrained".
 OPTIMIZER_LR = dict(sgd=0.03, adamw=PRETRAINED_ADAMW_LR)
 # Sources of values no one asked for (a resumed run continues with its checkpoint's instead).
-IMPLIED_SOURCES = ("default", "demo", "pretrained", "optimizer")
+IMPLIED_SOURCES = ("default", "demo", "pretrained", "optimizer", "pretrained_file")
 PRETRAINED_LAYER_DECAY = 0.65  # USB's for timm's ViT layout (patch16), BEiT's and MAE's; only for LAYER_DECAY_MODELS
 PRETRAINED_WARMUP_DIVISOR = 40  # warm-up steps = --max_train_steps // 40: USB's 5120 of 204800
 LAYER_DECAY_MODELS = ("vit", "deit", "beit", "eva")  # name prefixes of the ViTs that fine-tune with layer decay
@@ -437,6 +440,8 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[TrainConfig, Dict[str,
             values[k], sources[k] = v, source
     if values["dataset_name"] == "digits" and sources["hflip"] == "default":
         values["hflip"], sources["hflip"] = False, "digits"  # a mirrored digit is another symbol, however named
+    if values["pretrained_file"] is not None and not values["pretrained"]:  # a file of weights is a pretrained run
+        values["pretrained"], sources["pretrained"] = True, "pretrained_file"
     if values["pretrained"] or values["pretrained_file"] is not None:
         _apply_pretrained_defaults(values, sources)
     _apply_optimizer_lr(values, sources)
@@ -527,6 +532,7 @@ class Resolved:
     load_size: int  # the side images are decoded (and cached) at; resized to image_size on the device when smaller
     interpolation: str  # how images reach image_size: the pretrained model's when resized on the device
     normalization: str  # "model": a pretrained model's mean and std; "dataset": the sampled channel statistics
+    size_reason: str = ""  # why image_size, for the start's `images: N px (why)` and config.json
 
 
 def default_channels_last(device_type: str) -> bool:
@@ -535,24 +541,48 @@ def default_channels_last(device_type: str) -> bool:
     return device_type in ("cuda", "cpu")
 
 
-def resolve(cfg: TrainConfig, *, device_type: str, dataset_image_size: Callable[[], int], num_train: int,
+MIXED_SIZES_DEFAULT = 32  # the side of images of several sizes when the model names no input size
+
+
+def _image_size(cfg: TrainConfig, model_data: Optional[Dict], model_size: Optional[int],
+                dataset_image_size: Callable[[], Optional[int]]) -> Tuple[int, str]:
+    """(image side, why): --image_size; a pretrained model's input size; else the dataset's uniform size unless the
+    model was made for smaller images (a 640 px photo trains a WRN at its 32 px, not at 640)."""
+    if cfg.image_size:
+        return cfg.image_size, "--image_size"
+    if model_data:
+        return model_data["input_size"][-1], f"{cfg.model}'s input size, as its pretrained weights expect"
+    side = dataset_image_size()
+    if side is not None and (model_size is None or side <= model_size):
+        return side, "the dataset's size"
+    if model_size is not None:
+        found = f"larger ({side} px)" if side is not None else "of several sizes"
+        return model_size, f"{cfg.model}'s input size; the dataset's images are {found}"
+    return MIXED_SIZES_DEFAULT, f"the dataset's images are of several sizes and --model {cfg.model} names no input size"
+
+
+def resolve(cfg: TrainConfig, *, device_type: str, dataset_image_size: Callable[[], Optional[int]], num_train: int,
             streaming: bool, model_data: Optional[Dict] = None,
-            dataset_native_size: Callable[[], Optional[int]] = lambda: None) -> Resolved:
-    """Every auto setting in one place; `dataset_image_size` is asked only when it decides the size.
+            dataset_native_size: Callable[[], Optional[int]] = lambda: None, model_size: Optional[int] = None) -> Resolved:
+    """Every auto setting in one place; `dataset_image_size` (the side of a sample's images when they share one,
+    else None) is asked only when it decides the size.
 
     model_data: a pretrained model's preprocessing (timm's pretrained_cfg: input_size, interpolation, mean, std):
-    its input size is the default image size, and with on-device augmentation images of a smaller uniform
-    size (`dataset_native_size`) are decoded and cached at that size and enlarged once per batch.
+    its input size is the default image size, its interpolation resizes on both paths, and with on-device
+    augmentation images of a smaller uniform size (`dataset_native_size`) are decoded and cached at that size and
+    enlarged once per batch. model_size: the side the model was made for, also without weights (None: unknown).
     """
-    size = cfg.image_size or (model_data["input_size"][-1] if model_data else None) or dataset_image_size()
+    size, reason = _image_size(cfg, model_data, model_size, dataset_image_size)
     pad = cfg.crop_padding if cfg.crop_padding is not None else max(1, size // 8)
     if pad >= size:
         raise UsageError(f"--crop_padding {pad} must be smaller than the image side ({size} px)")
     augment_device = cfg.augment_device or ("cpu" if device_type == "cpu" else "accelerator")
-    load_size, interpolation = size, "bilinear"  # PIL's resize at decoding
+    # the pretrained model's interpolation on both paths: PIL's resize at decoding, and the device's enlargement
+    interpolation = model_data.get("interpolation", "bicubic") if model_data else "bilinear"
+    load_size = size
     native = dataset_native_size() if model_data and augment_device == "accelerator" else None
     if native is not None and native < size:
-        load_size, interpolation = native, model_data.get("interpolation", "bicubic")
+        load_size = native
     cache_decoded = cfg.cache_decoded
     if cache_decoded is None:
         cache_decoded = (augment_device == "accelerator" and not streaming
@@ -561,4 +591,4 @@ def resolve(cfg: TrainConfig, *, device_type: str, dataset_image_size: Callable[
         raise UsageError("--cache_decoded needs --augment_device accelerator (the CPU path augments PIL images)")
     channels_last = cfg.channels_last if cfg.channels_last is not None else default_channels_last(device_type)
     return Resolved(size, pad, augment_device, cache_decoded, channels_last, load_size, interpolation,
-                    "model" if model_data else "dataset")
+                    "model" if model_data else "dataset", reason)
