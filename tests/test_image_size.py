@@ -58,6 +58,10 @@ def test_the_loaders_resize_with_the_runs_interpolation():
     assert np.array_equal(bicubic.permute(1, 2, 0).numpy(), np.asarray(image.resize((16, 16), Image.BICUBIC)))
     bilinear, = ImageDataset(rows, [0], "image", "label", 16)[0][:1]
     assert not np.array_equal(bicubic.numpy(), bilinear.numpy())
+    # fixmatch-predict prepares images as the run did (config.json's resolved.interpolation)
+    from fixmatch_accel.predict import _Images
+
+    assert np.array_equal(_Images([image], 16, "bicubic")[0][0].numpy(), bicubic.numpy())
 
 
 def test_the_size_follows_the_model_when_the_images_are_larger():
