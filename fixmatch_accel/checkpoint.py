@@ -14,6 +14,7 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional
 
+from .config import IMPLIED_SOURCES
 from .errors import UsageError, describe
 
 if TYPE_CHECKING:
@@ -356,7 +357,7 @@ def reconcile_resume(cfg, sources: Dict[str, str], path: str, saved: Dict, step:
         now = now_values.get(name, then)
         if name not in now_values or name in NOT_COMPARED or now == then:
             continue
-        if sources.get(name, "flag") in ("default", "demo", "pretrained"):  # not asked for now: continue as it was
+        if sources.get(name, "flag") in IMPLIED_SOURCES:  # not asked for now: continue as it was
             values[name] = then
         elif name in FIXED_ON_RESUME:
             raise UsageError(f"--resume_from_checkpoint {path!r}: cannot load it with --{name} {now!r}: its run was "

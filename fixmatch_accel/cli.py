@@ -4,23 +4,28 @@ import sys
 from functools import partial
 from typing import List, Optional
 
-from .errors import report_usage_errors
+from .errors import UsageError, report_usage_errors
 
 
 def _train(argv: Optional[List[str]]) -> int:
-    from .config import parse_args
+    from .config import name_the_source, parse_args
 
     cfg, sources = parse_args(argv)
     from .preflight import check_start  # imported late so `--help` and flag errors stay fast
 
-    start = check_start(cfg, sources)  # before the training stack is imported
+    try:
+        start = check_start(cfg, sources)  # before the training stack is imported
+    except UsageError as e:
+        raise name_the_source(e, cfg, sources) from None
     from .stop import Stopped
     from .trainer import train
 
     try:
-        train(cfg, sources, start)
+        train(start.cfg, start.sources, start)
+    except UsageError as e:  # a value a preset, config file or checkpoint set is named as theirs
+        raise name_the_source(e, start.cfg, start.sources) from None
     except Stopped as e:
-        print(f"fixmatch-train: {'' if e.exit_code == 0 else 'error: '}{e}", file=sys.stderr)
+        print(f"fixmatch-train: {'error: ' if e.error else ''}{e}", file=sys.stderr)
         return e.exit_code
     return 0
 

@@ -24,6 +24,9 @@ from .errors import UsageError
 # The models written here (fixmatch_accel/models.py BUILTIN_MODELS; a test keeps the two equal): timm has no
 # pretrained weights for them, though --pretrained_file loads a run's model.safetensors into one.
 BUILTIN_MODEL_NAMES = ("wrn28_2", "wrn28_8", "wrn37_2", "small_cnn")
+# The side each built-in model was made for (the paper's CIFAR/SVHN 32 px, STL-10's 96 px): the default image size
+# when the data's images are larger.
+BUILTIN_INPUT_SIZES = dict(wrn28_2=32, wrn28_8=32, wrn37_2=96, small_cnn=32)
 
 
 def builtin_without_weights(model: str) -> str:
@@ -53,7 +56,7 @@ class SharedConfig:
     max_eval_samples: Optional[int] = _f(None, "Use only the first N rows of the eval split (for debugging).")
     num_labeled: int = _f(4000, "Total labeled examples, class-balanced (num_labeled / num_classes per class).")
     labeled_split_file: Optional[str] = _f(None, "Reuse the labeled indices of a saved labeled_split.json instead of drawing them.")
-    image_size: Optional[int] = _f(None, "Square side in pixels that every image is resized to; default: the dataset's size when a sample of its images all have one size, else 32.")
+    image_size: Optional[int] = _f(None, "Square side in pixels: every image's shorter side is resized to it and the centre square kept; default: the model's input size with pretrained weights, else the dataset's size when a sample of its images all have one size and the model's input size (timm's pretrained_cfg; 32 for wrn28_*, 96 for wrn37_2) is not smaller, else the model's input size (32 when unknown).")
     dataloader_num_workers: int = _f(4, "DataLoader worker processes per training process (capped by the CPU count).")
     streaming: bool = _f(False, "Read the train and eval splits as streams (datasets' streaming=True): the labeled examples are kept in memory, the unlabeled data is read piece by piece and never held whole.")
     shuffle_buffer_size: int = _f(2000, "With --streaming: examples in each DataLoader worker's shuffle buffer (raw bytes in memory).")
@@ -82,7 +85,7 @@ class SharedConfig:
     crop_padding: Optional[int] = _f(None, "Reflect-pad-and-crop shift of the weak view in pixels; default: image_size / 8 (4 px at 32, the paper's 12.5%).")
 
     # Optimisation
-    learning_rate: float = _f(0.03, "Peak learning rate (of the last layers, with --layer_decay); a pretrained run's default with adamw: 5e-4.")
+    learning_rate: float = _f(0.03, "Peak learning rate (of the last layers, with --layer_decay); default: the optimizer's, 0.03 for sgd (the paper's), 5e-4 for adamw (a fine-tuning rate; 0.03 is far too high for AdamW).")
     optimizer: str = _f("sgd", "sgd (Nesterov, the paper's) or adamw (a pretrained run's default); timm's create_optimizer_v2 builds adamw and any --layer_decay.", choices=("sgd", "adamw"))
     layer_decay: Optional[float] = _f(None, "Layer-wise learning-rate decay (timm's): a layer d blocks below the head trains at lr * layer_decay**d; needs a timm model with layer groups (ViTs, ResNets, ...); default: off (1.0 is off too), 0.65 for a pretrained ViT.")
     warmup_steps: int = _f(0, "Optimizer steps of linear warm-up, lr * (k+1)/W for k < W, before the cosine decay, which then spans the remaining K - W steps; a pretrained run's default: K / 40.")
@@ -316,6 +319,11 @@ def _print_presets() -> None:
 # fixmatch_semi_aves_3959_0.yaml), lr 5e-05 and no layer decay for EuroSAT (fixmatch_eurosat_20_0.yaml).
 PRETRAINED_OPTIMIZER = "adamw"
 PRETRAINED_ADAMW_LR = 5e-4  # the middle of USB's range, its CIFAR setting; an AdamW rate, so only with adamw
+# The learning rate an optimizer takes when no layer sets one: SGD the paper's (the field default), AdamW the
+# fine-tuning rate above. Recorded with the source "optimizer"; a pretrained run's says "pretrained".
+OPTIMIZER_LR = dict(sgd=0.03, adamw=PRETRAINED_ADAMW_LR)
+# Sources of values no one asked for (a resumed run continues with its checkpoint's instead).
+IMPLIED_SOURCES = ("default", "demo", "pretrained", "optimizer", "pretrained_file")
 PRETRAINED_LAYER_DECAY = 0.65  # USB's for timm's ViT layout (patch16), BEiT's and MAE's; only for LAYER_DECAY_MODELS
 PRETRAINED_WARMUP_DIVISOR = 40  # warm-up steps = --max_train_steps // 40: USB's 5120 of 204800
 LAYER_DECAY_MODELS = ("vit", "deit", "beit", "eva")  # name prefixes of the ViTs that fine-tune with layer decay
@@ -335,6 +343,20 @@ def _apply_pretrained_defaults(values: Dict[str, Any], sources: Dict[str, str]) 
     put("warmup_steps", values["max_train_steps"] // PRETRAINED_WARMUP_DIVISOR)
 
 
+def _apply_optimizer_lr(values: Dict[str, Any], sources: Dict[str, str]) -> None:
+    """A learning rate no layer set follows the optimizer (--optimizer adamw alone must not train at SGD's 0.03)."""
+    if sources["learning_rate"] in ("default", "demo") and values["learning_rate"] != OPTIMIZER_LR[values["optimizer"]]:
+        values["learning_rate"], sources["learning_rate"] = OPTIMIZER_LR[values["optimizer"]], "optimizer"
+
+
+def optimizer_lr_note(cfg: TrainConfig, sources: Dict[str, str]) -> Optional[str]:
+    """One line when the learning rate is the optimizer's own default, or None (to print once)."""
+    if sources.get("learning_rate") != "optimizer":
+        return None
+    return (f"note: --optimizer {cfg.optimizer} without --learning_rate: its default {cfg.learning_rate:g} "
+            "(give --learning_rate to choose another)")
+
+
 def pretrained_defaults_note(cfg: TrainConfig, sources: Dict[str, str]) -> Optional[str]:
     """One line naming the settings a pretrained run took from the fine-tuning defaults, or None (to print once)."""
     taken = [f"--{name} {getattr(cfg, name)}" for name in ("optimizer", "learning_rate", "layer_decay", "warmup_steps")
@@ -344,13 +366,60 @@ def pretrained_defaults_note(cfg: TrainConfig, sources: Dict[str, str]) -> Optio
     return f"note: pretrained weights, so fine-tuning defaults: {', '.join(taken)} (a flag, preset or config file overrides them)"
 
 
+# What names a run's data, taken from one layer as a whole: a dataset or folder named by a higher layer (your own
+# data under --preset cifar10-40) replaces the lower layers' dataset with its config name, columns and splits,
+# which would not fit it.
+DATA_SOURCE = ("dataset_name", "dataset_config_name", "train_dir", "validation_dir", "image_column_name",
+               "label_column_name", "train_split", "eval_split")
+
+
+def _own_data_source(layers: List[Tuple[str, Dict[str, Any]]]) -> List[Tuple[str, Dict[str, Any]]]:
+    """The layers with every data source setting dropped from those below the highest one that names a dataset."""
+    names = [i for i, (_, layer) in enumerate(layers)
+             if any(layer.get(k) is not None for k in ("dataset_name", "train_dir"))]
+    if not names:
+        return layers
+    return [(source, {k: v for k, v in layer.items() if k not in DATA_SOURCE}) if i < names[-1] else (source, layer)
+            for i, (source, layer) in enumerate(layers)]
+
+
+def source_words(source: Optional[str]) -> Optional[str]:
+    """How an error names where a value came from, or None for a flag or a default."""
+    if source is None:
+        return None
+    if source.startswith("preset:"):
+        return f"--preset {source[len('preset:'):]}"
+    if source.startswith("file:"):
+        return f"--config {source[len('file:'):]}"
+    return "the checkpoint" if source == "checkpoint" else None
+
+
+def name_the_source(error: UsageError, cfg: TrainConfig, sources: Dict[str, str]) -> UsageError:
+    """An error about a --flag whose value a preset, config file or checkpoint set, saying which:
+    `--label_column_name 'fine_label' (from --preset NAME): no such column ...`."""
+    message = str(error)
+    m = re.match(r"--(\w+)", message)
+    words = source_words(sources.get(m.group(1))) if m else None
+    if words is None or f"(from {words})" in message:
+        return error
+    name = m.group(1)
+    value = getattr(cfg, name, None)
+    for shown in (repr(value), str(value)):
+        head = f"--{name} {shown}"
+        if message.startswith(head) and message[len(head):len(head) + 1] in (":", " ", ""):
+            return UsageError(f"{head} (from {words}){message[len(head):]}")
+    return UsageError(f"{message} (from {words})")
+
+
 def parse_args(argv: Optional[List[str]] = None) -> Tuple[TrainConfig, Dict[str, str]]:
     """Return the resolved config and, for each field, where its value came from.
 
     Layers, lowest first, with the source recorded for each field: field defaults
     ("default"), the demo ("demo", only when no other layer names a dataset), the
     fine-tuning defaults of a pretrained run ("pretrained", for the values still at a
-    default or the demo's once every layer is read), a preset ("preset:NAME"), a config
+    default or the demo's once every layer is read), the learning rate of an --optimizer
+    when nothing else set one ("optimizer"), a preset (without its data source when a
+    higher layer names a dataset or folder: DATA_SOURCE) ("preset:NAME"), a config
     file ("file:PATH"), command-line flags ("flag").
     """
     given = vars(build_parser().parse_args(argv))
@@ -364,6 +433,7 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[TrainConfig, Dict[str,
         (f"file:{given.get('config')}", from_file),
         ("flag", given),
     ]
+    layers = _own_data_source(layers)
     values, sources = {}, {}
     for f in dataclasses.fields(TrainConfig):
         values[f.name], sources[f.name] = f.default, "default"
@@ -375,17 +445,16 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[TrainConfig, Dict[str,
             values[k], sources[k] = v, source
     if values["dataset_name"] == "digits" and sources["hflip"] == "default":
         values["hflip"], sources["hflip"] = False, "digits"  # a mirrored digit is another symbol, however named
+    if values["pretrained_file"] is not None and not values["pretrained"]:  # a file of weights is a pretrained run
+        values["pretrained"], sources["pretrained"] = True, "pretrained_file"
     if values["pretrained"] or values["pretrained_file"] is not None:
         _apply_pretrained_defaults(values, sources)
+    _apply_optimizer_lr(values, sources)
     cfg = TrainConfig(**values)
     try:
         validate(cfg)
     except UsageError as e:  # say which layer set a bad value that did not come from a flag
-        m = re.match(r"--(\w+)", str(e))
-        source = sources.get(m.group(1), "flag") if m else "flag"
-        if source.startswith(("preset:", "file:")):
-            raise UsageError(f"{e} (set by {source})") from None
-        raise
+        raise name_the_source(e, cfg, sources) from None
     return cfg, sources
 
 
@@ -474,6 +543,7 @@ class Resolved:
     load_size: int  # the side images are decoded (and cached) at; resized to image_size on the device when smaller
     interpolation: str  # how images reach image_size: the pretrained model's when resized on the device
     normalization: str  # "model": a pretrained model's mean and std; "dataset": the sampled channel statistics
+    size_reason: str = ""  # why image_size, for the start's `images: N px (why)` and config.json
 
 
 def default_channels_last(device_type: str) -> bool:
@@ -482,24 +552,48 @@ def default_channels_last(device_type: str) -> bool:
     return device_type in ("cuda", "cpu")
 
 
-def resolve(cfg: TrainConfig, *, device_type: str, dataset_image_size: Callable[[], int], num_train: int,
+MIXED_SIZES_DEFAULT = 32  # the side of images of several sizes when the model names no input size
+
+
+def _image_size(cfg: TrainConfig, model_data: Optional[Dict], model_size: Optional[int],
+                dataset_image_size: Callable[[], Optional[int]]) -> Tuple[int, str]:
+    """(image side, why): --image_size; a pretrained model's input size; else the dataset's uniform size unless the
+    model was made for smaller images (a 640 px photo trains a WRN at its 32 px, not at 640)."""
+    if cfg.image_size:
+        return cfg.image_size, "--image_size"
+    if model_data:
+        return model_data["input_size"][-1], f"{cfg.model}'s input size, as its pretrained weights expect"
+    side = dataset_image_size()
+    if side is not None and (model_size is None or side <= model_size):
+        return side, "the dataset's size"
+    if model_size is not None:
+        found = f"larger ({side} px)" if side is not None else "of several sizes"
+        return model_size, f"{cfg.model}'s input size; the dataset's images are {found}"
+    return MIXED_SIZES_DEFAULT, f"the dataset's images are of several sizes and --model {cfg.model} names no input size"
+
+
+def resolve(cfg: TrainConfig, *, device_type: str, dataset_image_size: Callable[[], Optional[int]], num_train: int,
             streaming: bool, model_data: Optional[Dict] = None,
-            dataset_native_size: Callable[[], Optional[int]] = lambda: None) -> Resolved:
-    """Every auto setting in one place; `dataset_image_size` is asked only when it decides the size.
+            dataset_native_size: Callable[[], Optional[int]] = lambda: None, model_size: Optional[int] = None) -> Resolved:
+    """Every auto setting in one place; `dataset_image_size` (the side of a sample's images when they share one,
+    else None) is asked only when it decides the size.
 
     model_data: a pretrained model's preprocessing (timm's pretrained_cfg: input_size, interpolation, mean, std):
-    its input size is the default image size, and with on-device augmentation images of a smaller uniform
-    size (`dataset_native_size`) are decoded and cached at that size and enlarged once per batch.
+    its input size is the default image size, its interpolation resizes on both paths, and with on-device
+    augmentation images of a smaller uniform size (`dataset_native_size`) are decoded and cached at that size and
+    enlarged once per batch. model_size: the side the model was made for, also without weights (None: unknown).
     """
-    size = cfg.image_size or (model_data["input_size"][-1] if model_data else None) or dataset_image_size()
+    size, reason = _image_size(cfg, model_data, model_size, dataset_image_size)
     pad = cfg.crop_padding if cfg.crop_padding is not None else max(1, size // 8)
     if pad >= size:
         raise UsageError(f"--crop_padding {pad} must be smaller than the image side ({size} px)")
     augment_device = cfg.augment_device or ("cpu" if device_type == "cpu" else "accelerator")
-    load_size, interpolation = size, "bilinear"  # PIL's resize at decoding
+    # the pretrained model's interpolation on both paths: PIL's resize at decoding, and the device's enlargement
+    interpolation = model_data.get("interpolation", "bicubic") if model_data else "bilinear"
+    load_size = size
     native = dataset_native_size() if model_data and augment_device == "accelerator" else None
     if native is not None and native < size:
-        load_size, interpolation = native, model_data.get("interpolation", "bicubic")
+        load_size = native
     cache_decoded = cfg.cache_decoded
     if cache_decoded is None:
         cache_decoded = (augment_device == "accelerator" and not streaming
@@ -508,4 +602,4 @@ def resolve(cfg: TrainConfig, *, device_type: str, dataset_image_size: Callable[
         raise UsageError("--cache_decoded needs --augment_device accelerator (the CPU path augments PIL images)")
     channels_last = cfg.channels_last if cfg.channels_last is not None else default_channels_last(device_type)
     return Resolved(size, pad, augment_device, cache_decoded, channels_last, load_size, interpolation,
-                    "model" if model_data else "dataset")
+                    "model" if model_data else "dataset", reason)

@@ -19,7 +19,8 @@ from .errors import UsageError
 
 # Classes up to this many get one labelled bar each; more get a scatter plot.
 MAX_BARS = 40
-# A class whose share of confident pseudo-labels is under this fraction of an even share is flagged.
+# A class whose share of confident pseudo-labels is under this fraction of an even share is starved; it is drawn
+# red when its accuracy is also below the mean (a starved class the model still gets right needs no attention).
 STARVED = 0.5
 DPI = 110
 # Up to this many classes get a threshold line each (tab10's ten colours); more get a lowest-to-highest band.
@@ -283,6 +284,8 @@ class ClassStats(NamedTuple):
     accuracy: Optional[np.ndarray]  # final EMA top-1 (%), None without an evaluation
     share: np.ndarray  # % of the run's confident pseudo-labels, by predicted class
     starved: np.ndarray  # share under STARVED x an even share
+    flagged: np.ndarray  # drawn red: starved and below the mean accuracy (starved alone without an evaluation)
+    red: str  # what red means, for the panel titles
     even: float  # an even share (%)
     total: float  # the run's confident pseudo-labels
     thresholds: Optional[np.ndarray]  # the last window's threshold per class, None for an older run's log
@@ -294,7 +297,13 @@ def plot_per_class(path: str, names: List[str], accuracy: Optional[np.ndarray], 
     total = counts.sum()
     share = counts / total * 100 if total > 0 else np.full(n, np.nan)
     even = 100.0 / max(n, 1)
-    stats = ClassStats(names, accuracy, share, share < STARVED * even, even, total, thresholds)
+    starved = share < STARVED * even
+    if accuracy is not None and np.isfinite(accuracy).any():
+        mean = float(np.nanmean(accuracy))
+        flagged, red = starved & (accuracy < mean), f"starved and below the mean accuracy {mean:.0f}%"
+    else:
+        flagged, red = starved, "starved"
+    stats = ClassStats(names, accuracy, share, starved, flagged, red, even, total, thresholds)
     fig = _per_class_bars(stats) if n <= MAX_BARS else _per_class_scatter(stats)
     fig.suptitle(f"{title}\nPer class: final EMA top-1 accuracy and share of the run's {int(total):,} confident "
                  f"pseudo-label{'' if total == 1 else 's'} (dashed: an even share, 1/{n})", fontsize=12)
@@ -316,10 +325,10 @@ def _per_class_bars(s: ClassStats):
     _share_bars(axes[1], y, s)
     if s.thresholds is not None:
         ax = axes[2]
-        ax.set_title("Final confidence threshold (last logging window; red: starved)")
+        ax.set_title(f"Final confidence threshold (last logging window; red: {s.red})")
         ax.set_xlabel("threshold (max probability)")
         ax.set_xlim(0, 1.15)
-        ax.scatter(s.thresholds, y, s=24, c=np.where(s.starved, "tab:red", "tab:brown"), zorder=3)
+        ax.scatter(s.thresholds, y, s=24, c=np.where(s.flagged, "tab:red", "tab:brown"), zorder=3)
         for i, t in enumerate(s.thresholds):
             ax.text(0 if np.isnan(t) else t, i, "  n/a" if np.isnan(t) else f"  {t:.2f}", va="center", fontsize=8)
     for ax in axes:
@@ -328,23 +337,23 @@ def _per_class_bars(s: ClassStats):
 
 
 def _accuracy_bars(ax, y: np.ndarray, s: ClassStats) -> None:
-    ax.set_title("Final EMA top-1 accuracy (red: starved classes)")
+    ax.set_title(f"Final EMA top-1 accuracy (red: {s.red})")
     ax.set_xlabel("accuracy (%)")
     ax.set_xlim(0, 112)
     if s.accuracy is None:
         _empty(ax, "no evaluation yet")
         return
-    ax.barh(y, np.nan_to_num(s.accuracy), color=np.where(s.starved, "tab:red", "tab:blue"))
+    ax.barh(y, np.nan_to_num(s.accuracy), color=np.where(s.flagged, "tab:red", "tab:blue"))
     for i, a in enumerate(s.accuracy):
         ax.text(0 if np.isnan(a) else a, i, " n/a" if np.isnan(a) else f" {a:.0f}%", va="center", fontsize=8)
 
 
 def _share_bars(ax, y: np.ndarray, s: ClassStats) -> None:
-    ax.set_title(f"Share of confident pseudo-labels (red: under {STARVED:g} x even share)")
+    ax.set_title(f"Share of confident pseudo-labels (starved: under {STARVED:g} x an even share; red: {s.red})")
     ax.set_xlabel("% of the run's confident pseudo-labels, by predicted class")
     ax.axvline(s.even, color="0.3", linestyle="--", linewidth=1)
     if s.total > 0:
-        ax.barh(y, s.share, color=np.where(s.starved, "tab:red", "tab:purple"))
+        ax.barh(y, s.share, color=np.where(s.flagged, "tab:red", "tab:purple"))
         ax.set_xlim(0, max(np.nanmax(s.share), s.even) * 1.18)
         for i, share in enumerate(s.share):
             ax.text(share, i, f" {share:.1f}%", va="center", fontsize=8)
@@ -367,19 +376,19 @@ def _per_class_scatter(s: ClassStats):
     if s.accuracy is None or s.total == 0:
         _empty(ax, "no evaluation yet" if s.accuracy is None else "no confident pseudo-labels yet")
     else:
-        ax.scatter(s.share, s.accuracy, s=14, c=np.where(s.starved, "tab:red", "tab:blue"))
+        ax.scatter(s.share, s.accuracy, s=14, c=np.where(s.flagged, "tab:red", "tab:blue"))
         for i in np.argsort(s.share)[:8]:
             ax.annotate(s.names[i], (s.share[i], s.accuracy[i]), textcoords="offset points", xytext=(4, 2),
                         fontsize=8)
-        ax.set_title(f"Red: under {STARVED:g} x an even share; the 8 lowest shares are named")
+        ax.set_title(f"Red: {s.red} (starved: under {STARVED:g} x an even share); the 8 lowest shares are named")
     if with_thresholds:
         ax = axes[1]
-        ax.set_title("Final confidence threshold per class (red: starved)")
+        ax.set_title(f"Final confidence threshold per class (red: {s.red})")
         ax.set_xlabel("class, in label order")
         ax.set_ylabel("threshold (max probability)")
         ax.set_ylim(-0.02, 1.02)
-        order = np.argsort(s.starved, kind="stable")  # starved classes drawn last, over their neighbours
-        ax.scatter(order, s.thresholds[order], s=14, c=np.where(s.starved[order], "tab:red", "tab:brown"))
+        order = np.argsort(s.flagged, kind="stable")  # red classes drawn last, over their neighbours
+        ax.scatter(order, s.thresholds[order], s=14, c=np.where(s.flagged[order], "tab:red", "tab:brown"))
     for ax in axes:
         ax.grid(alpha=0.3)
     return fig

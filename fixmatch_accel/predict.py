@@ -50,15 +50,15 @@ class RunModel:
 class _Images(torch.utils.data.Dataset):
     """(uint8 [3, size, size], index, error) per input; a bad image is a black filler with its error message."""
 
-    def __init__(self, values: Sequence, size: int):
-        self.values, self.size = values, size
+    def __init__(self, values: Sequence, size: int, interpolation: str = "bilinear"):
+        self.values, self.size, self.interpolation = values, size, interpolation
 
     def __len__(self):
         return len(self.values)
 
     def __getitem__(self, i):
         try:
-            return pil_to_tensor(to_rgb(decode_image(self.values[i]), self.size)), i, ""
+            return pil_to_tensor(to_rgb(decode_image(self.values[i]), self.size, self.interpolation)), i, ""
         except BadImage as e:  # first line only: the message goes into one-line reports
             text = str(e).strip()
             error = text.splitlines()[0] if text else "unreadable"
@@ -208,8 +208,8 @@ def predict(run: RunModel, inputs: Inputs, device: torch.device, batch_size: int
 
     names = run.label_names
     k = min(TOP_K, len(names))
-    loader = torch.utils.data.DataLoader(_Images(inputs.values, run.load_size or run.size), batch_size=batch_size,
-                                         num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(_Images(inputs.values, run.load_size or run.size, run.interpolation),
+                                         batch_size=batch_size, num_workers=num_workers)
     rows, skipped = [], []
     for images, index, errors in tqdm(loader, desc="predict", unit="batch", disable=None if show_progress is None
                                       else not show_progress):

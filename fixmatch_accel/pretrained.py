@@ -12,7 +12,7 @@ import torch
 from timm.models import clean_state_dict, get_pretrained_cfg, is_model_pretrained
 from torch import nn
 
-from .config import BUILTIN_MODEL_NAMES
+from .config import BUILTIN_INPUT_SIZES, BUILTIN_MODEL_NAMES
 from .errors import UsageError, describe
 
 # Pretrained weights. Nothing unpickles code: timm 1.0.31 reads a `pretrained_cfg_overlay=dict(file=...)` with
@@ -193,6 +193,18 @@ def _wrong_weights(path: str, name: str, e: BaseException) -> str:
         detail = describe(e)
     return (f"--pretrained_file {path!r} does not hold weights for --model {name} ({detail}); give weights "
             f"saved from a {name} model")
+
+
+def model_input_side(name: str) -> Optional[int]:
+    """The image side --model was made for, weights or not: a built-in's, else timm's pretrained_cfg input size;
+    None when neither knows."""
+    if name in BUILTIN_INPUT_SIZES:
+        return BUILTIN_INPUT_SIZES[name]
+    try:
+        data = pretrained_preprocessing(name)
+    except Exception:  # not a timm name: create_model says so, naming the flag
+        return None
+    return data["input_size"][-1] if data else None
 
 
 def pretrained_preprocessing(name: str) -> Optional[Dict]:

@@ -1,6 +1,7 @@
 """What a run reports: config.json, metrics.jsonl rows (all-reduced windows), the console line or bar, trackers."""
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -59,6 +60,21 @@ def versions() -> Dict[str, str]:
                 datasets=datasets.__version__, timm=timm.__version__)
 
 
+def pretrained_weights(cfg) -> Optional[Dict]:
+    """What a run started from: None (random init), timm's weights for --model, or a file and its sha256 (null when
+    a resumed run's file is gone: its weights came from the checkpoint)."""
+    if cfg.pretrained_file is not None:
+        digest = None
+        if os.path.isfile(cfg.pretrained_file):
+            sha = hashlib.sha256()
+            with open(cfg.pretrained_file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    sha.update(block)
+            digest = sha.hexdigest()
+        return dict(file=os.path.abspath(cfg.pretrained_file), sha256=digest)
+    return dict(timm=cfg.model) if cfg.pretrained else None
+
+
 def write_run_config(cfg, sources: Dict[str, str], accelerator, *, data, resolved, mean, std, num_labeled: int,
                      model_args: Dict) -> None:
     """config.json: timm-style model keys (so timm and fixmatch-predict prepare images alike) and every setting."""
@@ -70,13 +86,15 @@ def write_run_config(cfg, sources: Dict[str, str], accelerator, *, data, resolve
         num_classes=data.num_classes,
         label_names=data.class_names,
         model_args=model_args,
-        # interpolation / crop: timm's eval transform then resizes as training did (whole image). mean / std:
-        # the dataset's, or with --pretrained the model's own.
+        # interpolation / crop: timm's eval transform then resizes as training did (the shorter side to the size,
+        # the centre square). mean / std: the dataset's, or with --pretrained the model's own.
         pretrained_cfg=dict(input_size=[3, size, size], mean=mean, std=std, num_classes=data.num_classes,
-                            interpolation=resolved.interpolation, crop_pct=1.0, crop_mode="squash"),
+                            interpolation=resolved.interpolation, crop_pct=1.0, crop_mode="center"),
+        pretrained_weights=pretrained_weights(cfg),
         settings=cfg.to_dict(),
         setting_sources=sources,
-        resolved=dict(image_size=size, load_size=resolved.load_size, interpolation=resolved.interpolation,
+        resolved=dict(image_size=size, image_size_reason=resolved.size_reason, load_size=resolved.load_size,
+                      interpolation=resolved.interpolation,
                       normalization=resolved.normalization,
                       crop_padding=resolved.crop_padding, augment_device=resolved.augment_device,
                       cache_decoded=resolved.cache_decoded, channels_last=resolved.channels_last,

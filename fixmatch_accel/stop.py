@@ -9,11 +9,12 @@ from .launch import processes_with
 
 
 class Stopped(Exception):
-    """Ends a run early with a message and an exit code."""
+    """Ends a run early with a message and an exit code; `error` False for a stop that was asked for (a signal)."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, error: bool = True):
         super().__init__(message)
         self.exit_code = exit_code
+        self.error = error
 
 
 class StopSignal:
@@ -52,7 +53,9 @@ class StopSignal:
         name = signal.Signals(self.signum).name if self.signum else "a signal on another process"
         return Stopped(f"stopped by {name} after step {step}; checkpoint {checkpoint}; "
                        "continue with --resume_from_checkpoint latest",
-                       0 if self.signum in (None, signal.SIGTERM) else 128 + self.signum)
+                       # 130 after Ctrl-C, the shell's status for an interrupted command (scripts and
+                       # schedulers can tell it from a finished run), yet a stop asked for, not an error
+                       0 if self.signum in (None, signal.SIGTERM) else 128 + self.signum, error=False)
 
     def restore(self):
         for sig, handler in self.previous.items():

@@ -32,7 +32,7 @@ from .launch import make_accelerator, step_collectives
 from .models import create_model, model_args
 from .optim import build_optimizer, schedule_at
 from .preflight import Start, check_start
-from .pretrained import pretrained_preprocessing
+from .pretrained import model_input_side, pretrained_preprocessing
 from .runlog import RunLog, trackers, write_run_config
 from .step import TrainStep, build_objective, model_inputs
 from .stop import StopSignal, all_finite, finite_weights, nonfinite
@@ -299,9 +299,11 @@ def setup_data(cfg: TrainConfig, sources: Dict[str, str], accelerator, split_che
                           else (data.train, stats_rows(data.num_train, cfg.seed)))
     sizes = functools.cache(lambda: image_sizes(stats_source, data.image_column, rows))
     model_data = pretrained_preprocessing(cfg.model) if cfg.pretrained or cfg.pretrained_file else None
+    uniform = functools.cache(lambda: default_image_size(sizes()) if len(sizes()) == 1 else None)
     resolved = resolve(cfg, device_type=accelerator.device.type, num_train=data.num_train, streaming=data.streaming,
-                       dataset_image_size=lambda: default_image_size(sizes()), model_data=model_data,
-                       dataset_native_size=lambda: max(next(iter(sizes()))) if len(sizes()) == 1 else None)
+                       dataset_image_size=uniform, model_data=model_data, dataset_native_size=uniform,
+                       model_size=model_input_side(cfg.model))
+    accelerator.print(f"images: {resolved.image_size} px ({resolved.size_reason})")
     if model_data is None:
         mean, std, bad_sampled = sampled_channel_stats(stats_source, data.image_column, resolved.load_size, rows)
     else:  # the statistics the pretrained weights were trained with; the sample is only checked for bad images
@@ -313,14 +315,15 @@ def setup_data(cfg: TrainConfig, sources: Dict[str, str], accelerator, split_che
         bad_images.read(rows, bad_sampled)
     cache, bad_eval = None, []  # (row, file) of each unreadable eval image the cache leaves out
     if resolved.cache_decoded:
-        cache, bad_train, bad_eval, decoded = decode_cache(cfg, data, resolved.load_size, show_progress)
+        cache, bad_train, bad_eval, decoded = decode_cache(cfg, data, resolved.load_size, show_progress,
+                                                           resolved.interpolation)
         bad_images.read(range(decoded), bad_train)
         if bad_eval:
             accelerator.print(f"evaluation leaves out {len(bad_eval)} unreadable image(s), e.g. {bad_eval[0][1]}")
     how = f"left out of {cfg.labeled_split_file}" if cfg.labeled_split_file else "redrawn within their class"
     bad_images.check_setup(f"{len(bad_labeled)} of them labeled, {how}" if bad_labeled else "")
     loaders = build_loaders(cfg, data, labeled_idx, labeled_rows, resolved.load_size, resolved.crop_padding,
-                            resolved.augment_device, accelerator, cache=cache)
+                            resolved.augment_device, accelerator, cache=cache, interpolation=resolved.interpolation)
     return RunData(data=data, labeled_idx=labeled_idx, resolved=resolved, mean=mean, std=std, bad_images=bad_images,
                    num_bad_eval=len(bad_eval), loaders=loaders)
 

@@ -425,13 +425,25 @@ def test_default_magnitude_is_clipped_gauss_9_half():
 
 # ------------------------------------------------------------------- paper
 
+def test_paper_magnitudes_on_the_pil_path(monkeypatch):
+    """The PIL path (DataLoader workers) draws the paper's magnitudes 1..9 too, as the tensor and C paths do."""
+    drawn = []
+    monkeypatch.setattr(pil, "paper_op", lambda img, name, v, negate, fill: drawn.append(v) or img)
+    random.seed(0)
+    ra, img = pil.PaperRandAugment(), Image.new("RGB", (8, 8))
+    for _ in range(2000):
+        ra(img)
+    assert set(drawn) == set(range(1, 10))
+
+
 def test_paper_params_and_cutout():
     n, size, fill = 2000, 32, 200
     p = A.sample_rand_augment_params(n, "paper", generator=_gen(0), image_size=(size, size))
     m = p.magnitude
-    assert torch.equal(m, m.round()) and m.min() == 1 and m.max() == 10
-    counts = torch.bincount(m.long().flatten(), minlength=11)[1:]
-    assert (counts - 400).abs().max() < 4.5 * (400 * 0.9) ** 0.5
+    # 1..9, as google-research/fixmatch and kekmodel draw them (np.random.randint(1, 10))
+    assert torch.equal(m, m.round()) and m.min() == 1 and m.max() == 9
+    counts = torch.bincount(m.long().flatten(), minlength=10)[1:]
+    assert (counts - 4000 / 9).abs().max() < 4.5 * (4000 / 9 * 8 / 9) ** 0.5
     assert p.op.max() == len(A.PAPER_OPS) - 1 and abs(p.applied.float().mean() - 0.5) < 0.03
     # Images that never contain `fill` (values 0..100); the cutout must be exactly a
     # 16px square of fill at the drawn centre, clipped; outside it only ops can write fill.

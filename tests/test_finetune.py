@@ -1,6 +1,7 @@
 """Fine-tuning a pretrained backbone: the model's preprocessing and gradient accumulation."""
 
 import copy
+import hashlib
 import json
 import sys
 
@@ -34,9 +35,10 @@ def test_a_pretrained_model_sets_the_image_size_and_small_images_are_enlarged_on
     r = resolved(TrainConfig(dataset_name="x", image_size=64), model_data=MODEL_DATA)
     assert (r.image_size, r.load_size) == (64, 32)  # --image_size overrides the model's size
     r = resolved(TrainConfig(dataset_name="x", augment_device="cpu"), model_data=MODEL_DATA)
-    assert (r.image_size, r.load_size, r.interpolation) == (224, 224, "bilinear")  # PIL resizes in the workers
+    # PIL resizes in the workers, with the model's interpolation too
+    assert (r.image_size, r.load_size, r.interpolation) == (224, 224, "bicubic")
     r = resolved(native=256, model_data=MODEL_DATA)
-    assert (r.image_size, r.load_size, r.interpolation) == (224, 224, "bilinear")  # larger images: PIL shrinks them
+    assert (r.image_size, r.load_size, r.interpolation) == (224, 224, "bicubic")  # larger images: PIL shrinks them
     r = resolved()  # random init: the dataset's size, as before
     assert (r.image_size, r.load_size, r.interpolation) == (32, 32, "bilinear")
 
@@ -136,7 +138,10 @@ def test_images_reach_a_pretrained_model_at_its_input_size_in_both_augmentation_
     assert cfg["pretrained_cfg"]["input_size"] == [3, 176, 176]
     assert cfg["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406] and cfg["pretrained_cfg"]["std"] == [0.229, 0.224,
                                                                                                          0.225]
-    assert cfg["pretrained_cfg"]["interpolation"] == ("bicubic" if enlarged else "bilinear")
+    assert cfg["pretrained_cfg"]["interpolation"] == cfg["resolved"]["interpolation"] == "bicubic"  # both paths
+    # the run records that it started from that file
+    assert (cfg["settings"]["pretrained"], cfg["setting_sources"]["pretrained"]) == (True, "pretrained_file")
+    assert cfg["pretrained_weights"] == dict(file=str(weights), sha256=hashlib.sha256(weights.read_bytes()).hexdigest())
     assert (cfg["resolved"]["load_size"], cfg["resolved"]["crop_padding"]) == ((8 if enlarged else 176), 22)
     assert cfg["resolved"]["normalization"] == "model"
 

@@ -36,10 +36,11 @@ def fabricated_thresholds(algorithm: str, step: int, num_classes: int) -> dict:
 
 
 def fabricate_run(root: Path, steps=range(10, 201, 10), num_classes=4, eval_every=50, starved=None,
-                  config=True, results=True, algorithm=None) -> Path:
+                  config=True, results=True, algorithm=None, starved_accuracy=20.0) -> Path:
     """A run folder written by hand: metrics.jsonl rows as the trainer writes them, config.json, eval_results.json.
 
     algorithm: None for a run from before --algorithm (no thresholds logged, none in config.json's settings).
+    starved: a class with no confident pseudo-label, at `starved_accuracy` % top-1.
     """
     root.mkdir(parents=True, exist_ok=True)
     names = [f"class_{i}" for i in range(num_classes)]
@@ -53,8 +54,10 @@ def fabricate_run(root: Path, steps=range(10, 201, 10), num_classes=4, eval_ever
                          mask_ratio=min(1.0, s / 150), pseudo_label_acc=0.5 + s / 500, mask_per_class=mask,
                          **(fabricated_thresholds(algorithm, s, num_classes) if algorithm else {})))
         if s % eval_every == 0:
-            rows.append(dict(step=s, top1=40 + s / 5, top5=80 + s / 20,
-                             per_class=[50.0 + i for i in range(num_classes)]))
+            per_class = [50.0 + i for i in range(num_classes)]
+            if starved is not None:
+                per_class[starved] = starved_accuracy
+            rows.append(dict(step=s, top1=40 + s / 5, top5=80 + s / 20, per_class=per_class))
     (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if config:
         (root / "config.json").write_text(json.dumps(dict(
@@ -115,6 +118,14 @@ def test_plots_of_a_run_show_starved_classes(tmp_path):
     # The same run without a starved class has no red bar.
     balanced = write_plots(str(fabricate_run(tmp_path / "balanced")))
     assert not has_colour(check_png(Path(balanced[1])), TAB_RED)
+
+
+def test_a_starved_class_the_model_gets_right_is_not_red(tmp_path, monkeypatch):
+    """Red means starved of pseudo-labels and below the mean accuracy; the titles say so."""
+    run = fabricate_run(tmp_path / "run", starved=2, starved_accuracy=100.0)
+    titles = [ax.get_title() for ax in drawn_figures(monkeypatch, run)["per_class.png"].axes]
+    assert not has_colour(check_png(run / "per_class.png"), TAB_RED)
+    assert any("red: starved and below the mean accuracy" in t for t in titles), titles
 
 
 def test_class_names_the_font_lacks_draw_without_a_warning_per_glyph(tmp_path):

@@ -96,7 +96,7 @@ def test_missing_or_unreadable_file_and_bad_values_say_where(tmp_path):
     with pytest.raises(UsageError, match=r"^--config .*: cannot read it"):
         parse_args(["--config", str(tmp_path)])
     path = write(tmp_path, "dataset_name: x\nmu: 0\n")
-    with pytest.raises(UsageError, match=f"^--mu must be at least 1, got 0 \\(set by file:{re.escape(path)}\\)$"):
+    with pytest.raises(UsageError, match=f"^--mu must be at least 1, got 0 \\(from --config {re.escape(path)}\\)$"):
         parse_args(["--config", path])
     with pytest.raises(UsageError, match="^--mu must be at least 1, got 0$"):  # a flag: no suffix
         parse_args(["--config", path, "--mu", "0"])

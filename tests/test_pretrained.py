@@ -187,7 +187,9 @@ def test_config_checks_the_flags_before_any_work(tmp_path):
         parse_args(["--dataset_name", "digits", "--pretrained"])
     path = save({"w": torch.zeros(1)}, tmp_path / "w.safetensors")
     cfg, sources = parse_args(["--dataset_name", "digits", "--model", "small_cnn", "--pretrained_file", str(path)])
-    assert cfg.pretrained_file == str(path) and cfg.pretrained is False and sources["pretrained_file"] == "flag"
+    assert cfg.pretrained_file == str(path) and sources["pretrained_file"] == "flag"
+    # a weights file makes a pretrained run, and config.json's settings say so
+    assert (cfg.pretrained, sources["pretrained"]) == (True, "pretrained_file")
     cfg, _ = parse_args(["--dataset_name", "digits", "--model", "resnet10t", "--pretrained"])
     assert cfg.pretrained is True and cfg.pretrained_file is None
 

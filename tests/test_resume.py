@@ -78,6 +78,8 @@ def test_sigint_checkpoints_and_exits_130(tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGINT, stderr[-2000:]
     stopped_at = int(re.search(r"stopped by SIGINT after step (\d+)", stderr).group(1))
+    assert "fixmatch-train: stopped by SIGINT" in stderr and "error:" not in stderr  # a stop asked for
+    assert "continue with --resume_from_checkpoint latest" in stderr
     assert (out / "checkpoints" / f"step_{stopped_at}" / "trainer_state.json").exists()
     # the steps since the last logging step are logged too, whatever step the signal came at
     assert max(losses(out)) == stopped_at

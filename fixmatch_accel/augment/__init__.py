@@ -28,8 +28,8 @@ Where the tensor path knowingly differs from timm / kekmodel:
     come out one level off); colour blends use float32 like PIL's C code.
   * Pillow 13 raises on ``posterize(bits=0)``, which timm asks for at low magnitudes (and
     at m >= 7.5 with ``inc1``): both paths return black there, as older Pillow did.
-  * ``"paper"``: magnitudes are uniform in 1..10 (kekmodel's ``randint(1, 10)`` gives
-    1..9); geometric ops use nearest sampling as kekmodel does but fill with ``fill``
+  * ``"paper"``: magnitudes are uniform in 1..9 as in google-research/fixmatch and kekmodel
+    (``np.random.randint(1, 10)``); geometric ops use nearest sampling as kekmodel does but fill with ``fill``
     (kekmodel fills black); Cutout is a (min(H, W) // 2)-pixel square centred at a
     uniform pixel and clipped at the borders (kekmodel's PIL rectangle is one pixel
     wider and is not clipped symmetrically), filled with ``fill`` (default 128;

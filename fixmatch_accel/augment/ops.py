@@ -28,7 +28,10 @@ RAND_INCREASING_OPS = (
     "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
     "TranslateXRel", "TranslateYRel",
 )
-# FixMatch paper, Table 12, as kekmodel/FixMatch-pytorch's fixmatch_augment_pool.
+# FixMatch paper, Table 12, as kekmodel/FixMatch-pytorch's fixmatch_augment_pool. Magnitudes are integers 1..9:
+# the code behind the published numbers draws them so (google-research/fixmatch's AugmentPoolRAMC and kekmodel's
+# RandAugmentMC both call np.random.randint(1, 10), whose upper end is exclusive), while the op arguments scale
+# them by 10 (kekmodel's max_v), so an op never reaches the end of its range.
 PAPER_OPS = (
     "AutoContrast", "Brightness", "Color", "Contrast", "Equalize", "Identity",
     "Posterize", "Rotate", "Sharpness", "ShearX", "ShearY", "Solarize",
@@ -37,7 +40,7 @@ PAPER_OPS = (
 
 LEVEL_DENOM = 10.0  # timm: magnitude m maps to level m / 10
 TRANSLATE_PCT = 0.45  # timm's default hparams 'translate_pct' for TranslateXRel/YRel
-PAPER_MIN_LEVEL, PAPER_MAX_LEVEL = 1, 10  # paper magnitudes: uniform integers in this range
+PAPER_MIN_LEVEL, PAPER_MAX_LEVEL = 1, 9  # paper magnitudes: uniform integers in this range, both ends included
 PAPER_PROB = 0.5  # paper: each drawn op is applied with this probability
 NEGATE_PROB = 0.5  # signed ops (timm and paper) negate their argument with this probability
 
@@ -141,7 +144,7 @@ def timm_level_to_arg(name: str, m: Tensor, sign: Tensor) -> tuple[str, Tensor |
 
 
 def paper_level_to_arg(name: str, v, sign, h: int, w: int):
-    """kekmodel's fixmatch_augment_pool argument at magnitude v (1..10) and sign (+1 or -1):
+    """kekmodel's fixmatch_augment_pool argument at magnitude v (drawn 1..9, scaled by 10) and sign (+1 or -1):
     (base op, argument). v and sign are Python ints (the PIL path) or tensors (the tensor
     path, float64 where the device has it): the same expressions, so the same doubles."""
     if name in ("AutoContrast", "Equalize", "Identity"):
@@ -197,7 +200,7 @@ class StrongAugmentSpec:
     magnitude_std: float = 0.0  # timm 'mstd': gauss noise std; inf = uniform(0, m)
     magnitude_max: float = 10.0  # magnitudes are clipped to [0, magnitude_max]
     prob: float = 0.5  # probability that each drawn op is applied
-    paper: bool = False  # FixMatch paper RA: magnitude uniform 1..10, then Cutout
+    paper: bool = False  # FixMatch paper RA: magnitude uniform 1..9, then Cutout
 
 
 _CONFIG_HELP = ("expected 'paper' or a timm RandAugment string 'rand-<sections>' with "
@@ -273,7 +276,7 @@ class RandAugmentParams(NamedTuple):
 
     op: Tensor  # int64 [N, L], index into spec.ops (drawn with replacement)
     applied: Tensor  # bool [N, L], whether that op is applied (prob spec.prob)
-    magnitude: Tensor  # float32 [N, L], after noise and clipping (paper: integers 1..10)
+    magnitude: Tensor  # float32 [N, L], after noise and clipping (paper: integers 1..9)
     sign: Tensor  # float32 [N, L], +1 or -1, used by the signed ops only
     cutout_center: Tensor | None  # int64 [N, 2] (row, col) for paper, else None
 

@@ -89,7 +89,7 @@ class _TimmRandAugment:
 
 
 def paper_op(img: Image.Image, name: str, v: int, negate: bool, fill: Sequence[int]) -> Image.Image:
-    """One op of kekmodel's fixmatch_augment_pool at integer magnitude v (1..10)."""
+    """One op of kekmodel's fixmatch_augment_pool at integer magnitude v (drawn 1..9)."""
     w, h = img.size
     _, arg = paper_level_to_arg(name, v, -1 if negate else 1, h, w)
     if name == "Identity":

@@ -12,9 +12,15 @@ from PIL import Image as PILImage
 
 from ..errors import UsageError
 
+# timm's interpolation names -> PIL's filters (timm's 'random' resizes bicubic here).
+RESAMPLE = dict(nearest=PILImage.NEAREST, bilinear=PILImage.BILINEAR, bicubic=PILImage.BICUBIC,
+                lanczos=PILImage.LANCZOS, box=PILImage.BOX, hamming=PILImage.HAMMING)
 
-def to_rgb(image: PILImage.Image, size: int) -> PILImage.Image:
-    """Any mode (L, LA, RGBA, P, CMYK, I;16, ...) and size -> RGB size x size."""
+
+def to_rgb(image: PILImage.Image, size: int, interpolation: str = "bilinear") -> PILImage.Image:
+    """Any mode (L, LA, RGBA, P, CMYK, I;16, ...) and size -> RGB size x size: the shorter side resized to `size`
+    with `interpolation`, then the centre square (torchvision's Resize(size) + CenterCrop(size), which timm's
+    eval transform applies to a run's config.json), so a photo keeps its proportions instead of being squashed."""
     if image.mode in ("P", "PA"):  # a palette may carry transparency: go through RGBA, as PIL advises
         image = image.convert("RGBA")
     elif image.mode.startswith("I") or image.mode == "F":  # 16/32-bit grey: scale the range to 8 bits
@@ -24,7 +30,16 @@ def to_rgb(image: PILImage.Image, size: int) -> PILImage.Image:
     if image.mode != "RGB":
         image = image.convert("RGB")
     if image.size != (size, size):
-        image = image.resize((size, size), PILImage.BILINEAR)
+        w, h = image.size
+        if w <= h:
+            new = (size, int(size * h / w))
+        else:
+            new = (int(size * w / h), size)
+        if new != image.size:
+            image = image.resize(new, RESAMPLE.get(interpolation, PILImage.BICUBIC))
+        top, left = int(round((new[1] - size) / 2.0)), int(round((new[0] - size) / 2.0))
+        if new != (size, size):
+            image = image.crop((left, top, left + size, top + size))
     return image
 
 

@@ -61,12 +61,12 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset, indices: Sequence[int], image_column: str, label_column: str,
                  size: int, views: Sequence[Callable] = (), ids: Optional[Sequence[int]] = None,
-                 seeds: Optional[SampleSeeds] = None):
+                 seeds: Optional[SampleSeeds] = None, interpolation: str = "bilinear"):
         self.dataset = dataset
         self.indices = list(indices)
         self.ids = self.indices if ids is None else list(ids)  # the row reported for each item
         self.image_column, self.label_column = image_column, label_column
-        self.size = size
+        self.size, self.interpolation = size, interpolation
         self.views = list(views) or [lambda im: im]
         self.seeds = seeds
 
@@ -80,17 +80,17 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         row = self.dataset[self.indices[i]]
         return sample(row[self.image_column], row[self.label_column], self.ids[i], self.size, self.views,
-                      self.seeds, draw=i)
+                      self.seeds, draw=i, interpolation=self.interpolation)
 
 
 def sample(value, label: int, row: int, size: int, views: Sequence[Callable],
-           seeds: Optional[SampleSeeds] = None, draw: int = 0):
+           seeds: Optional[SampleSeeds] = None, draw: int = 0, interpolation: str = "bilinear"):
     """(*uint8 views, label, row) of one stored image, or a black filler with row unreadable(row) if it is bad.
 
     With `seeds`, the views' random draws come from seeds(draw) (`draw` unique within a pass).
     """
     try:
-        image = to_rgb(decode_image(value), size)
+        image = to_rgb(decode_image(value), size, interpolation)
     except BadImage:
         filler = torch.zeros(3, size, size, dtype=torch.uint8)
         return (*(filler for _ in views), label, unreadable(row))
@@ -154,14 +154,15 @@ def batch_identity(batch):
 
 
 def decode_split(dataset, image_column: str, label_column: str, size: int, num_workers: int = 0,
-                 show_progress: bool = False):
+                 show_progress: bool = False, interpolation: str = "bilinear"):
     """Decode a whole split (any mode, any size) into uint8 [N, 3, size, size] and int64 [N] tensors.
 
     Returns (images, labels, bad rows); a bad row's image is left black.
     """
     from tqdm.auto import tqdm
 
-    source = ImageDataset(dataset, range(len(dataset)), image_column, label_column, size)
+    source = ImageDataset(dataset, range(len(dataset)), image_column, label_column, size,
+                          interpolation=interpolation)
     loader = torch.utils.data.DataLoader(source, batch_size=256, num_workers=num_workers)
     images = torch.zeros(len(dataset), 3, size, size, dtype=torch.uint8)
     labels = torch.empty(len(dataset), dtype=torch.long)

@@ -94,13 +94,13 @@ class BadImages:
         self.print(f"skipped {total} unreadable image(s) so far, e.g. {example}")
 
 
-def decode_cache(cfg, data, size: int, show_progress: bool):
+def decode_cache(cfg, data, size: int, show_progress: bool, interpolation: str = "bilinear"):
     """Decode the train and eval splits into uint8 tensors: ((images, labels, usable rows) per split,
     unreadable train images [(row, name, reason)], unreadable eval images, train images read)."""
     cache, bad = [], []
     for split in (data.train, data.eval):
         images, labels, unreadable = decode_split(split, data.image_column, data.label_column, size, num_workers(cfg),
-                                                  show_progress=show_progress)
+                                                  show_progress=show_progress, interpolation=interpolation)
         bad.append([(r, image_name(split[r][data.image_column], r), "cannot be decoded") for r in unreadable])
         cache.append((images, labels, sorted(set(range(len(labels))) - set(unreadable))))
     return cache, bad[0], bad[1], len(cache[0][1])
@@ -114,7 +114,8 @@ def _cached_datasets(cache, labeled_idx: Sequence[int], excluded: set, B: int, U
             DecodedImages(eval_images, eval_labels, eval_ok))
 
 
-def _stream_loaders(cfg, data, labeled, make_loader, views, seeds, excluded: set, size: int, accelerator):
+def _stream_loaders(cfg, data, labeled, make_loader, views, seeds, excluded: set, size: int, accelerator,
+                    interpolation: str = "bilinear"):
     """Unlabeled and eval loaders over streams, split by node here (never prepared)."""
     from datasets.distributed import split_dataset_by_node
 
@@ -129,10 +130,11 @@ def _stream_loaders(cfg, data, labeled, make_loader, views, seeds, excluded: set
         raise UsageError(f"--streaming: {sum(counts)} unlabeled examples over {world} process(es) and "
                          f"{max(1, workers)} worker(s) each do not fill one batch of {U} "
                          "(lower --per_device_train_batch_size, --mu or --dataloader_num_workers)")
-    unlabeled = StreamLoader(make_loader(StreamImages(stream, *columns, size, views, data.label_map, seeds),
+    unlabeled = StreamLoader(make_loader(StreamImages(stream, *columns, size, views, data.label_map, seeds,
+                                                      interpolation=interpolation),
                                          batch_size=U, drop_last=True), device, per_pass)
     eval_stream = StreamImages(split_dataset_by_node(data.eval, rank=rank, world_size=world), *columns, size,
-                               label_map=data.label_map)
+                               label_map=data.label_map, interpolation=interpolation)
     # datasets reads each shard in one worker: more workers than this process's shards would sit idle.
     n = data.eval.n_shards
     eval_workers = min(workers, n // world if n % world == 0 else n)
@@ -146,7 +148,7 @@ def _stream_loaders(cfg, data, labeled, make_loader, views, seeds, excluded: set
 
 
 def build_loaders(cfg, data, labeled_idx: List[int], labeled_rows, size: int, pad: int, augment_device: str,
-                  accelerator, cache=None):
+                  accelerator, cache=None, interpolation: str = "bilinear"):
     """Labeled (B), unlabeled (mu*B) and eval loaders; the DataLoaders among them are for accelerate to prepare.
 
     Items are (uint8 views..., label, row). On the CPU path the workers make the
@@ -174,16 +176,17 @@ def build_loaders(cfg, data, labeled_idx: List[int], labeled_rows, size: int, pa
         columns = (data.image_column, data.label_column)
         local = repeat_to_fill(list(range(len(labeled_idx))), B * world)
         labeled_ds = ImageDataset(labeled_rows, local, *columns, size, labeled_views,
-                                  ids=[labeled_idx[i] for i in local], seeds=labeled_seeds)
+                                  ids=[labeled_idx[i] for i in local], seeds=labeled_seeds, interpolation=interpolation)
         loader = partial(DataLoader, num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
                          collate_fn=collate_fillers)
         if data.streaming:
             labeled = loader(labeled_ds, batch_size=B, shuffle=True, drop_last=True)
             return _stream_loaders(cfg, data, labeled, loader, unlabeled_views, unlabeled_seeds, excluded, size,
-                                   accelerator)
+                                   accelerator, interpolation)
         unlabeled_rows = repeat_to_fill([r for r in range(data.num_train) if r not in excluded], U * world)
-        unlabeled_ds = ImageDataset(data.train, unlabeled_rows, *columns, size, unlabeled_views, seeds=unlabeled_seeds)
-        eval_ds = ImageDataset(data.eval, range(len(data.eval_labels)), *columns, size)
+        unlabeled_ds = ImageDataset(data.train, unlabeled_rows, *columns, size, unlabeled_views, seeds=unlabeled_seeds,
+                                    interpolation=interpolation)
+        eval_ds = ImageDataset(data.eval, range(len(data.eval_labels)), *columns, size, interpolation=interpolation)
     if is_xla(device):  # every batch of every process full and distinct: one shape, evaluated as `sharded`
         eval_ds = PaddedToMultiple(eval_ds, cfg.per_device_eval_batch_size * world)
     return (loader(labeled_ds, batch_size=B, shuffle=True, drop_last=True),

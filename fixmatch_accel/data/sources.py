@@ -143,12 +143,42 @@ def pick_column(features, flag: str, given: Optional[str], feature_type, kind: s
     return found[0]
 
 
+ACCEPTED_IMAGES = ("an Image feature, a struct {bytes: binary, path: string} as datasets stores images (a plain "
+                   "parquet file's too), or a binary column of encoded image files (PNG, JPEG, ...)")
+
+
+def holds_images(feature) -> bool:
+    """A column that load_data can cast to Image(decode=False): an Image feature; a struct of encoded bytes and a
+    path (datasets' own storage of images, which a parquet written with pyarrow reads back as a plain struct);
+    a binary column of encoded files."""
+    from datasets import Image, Value
+
+    if isinstance(feature, Image):
+        return True
+    if isinstance(feature, dict):
+        return ("bytes" in feature and set(feature) <= {"bytes", "path"}
+                and isinstance(feature["bytes"], Value) and feature["bytes"].dtype in ("binary", "large_binary")
+                and all(isinstance(v, Value) and v.dtype in ("string", "large_string", "null")
+                        for k, v in feature.items() if k == "path"))
+    return isinstance(feature, Value) and feature.dtype in ("binary", "large_binary")
+
+
 def check_image_column(features, image_col: str) -> None:
-    """A column named by --image_column_name must hold images."""
+    """A column named by --image_column_name must hold images (holds_images)."""
+    if not holds_images(features[image_col]):
+        raise UsageError(f"--image_column_name {image_col!r} holds {features[image_col]}, not images; accepted: "
+                         f"{ACCEPTED_IMAGES}")
+
+
+def pick_image_column(features, given: Optional[str]) -> str:
+    """--image_column_name, else the one Image column, else the one column of encoded images (holds_images)."""
     from datasets import Image
 
-    if not isinstance(features[image_col], Image):
-        raise UsageError(f"--image_column_name {image_col!r} holds {features[image_col]}, not images")
+    if given is None and not any(isinstance(v, Image) for v in features.values()):
+        encoded = [k for k, v in features.items() if holds_images(v)]
+        if len(encoded) == 1:
+            return encoded[0]
+    return pick_column(features, "image_column_name", given, Image, "Image")
 
 
 def _pick_splits(cfg, raw):
@@ -176,12 +206,12 @@ def _pick_splits(cfg, raw):
 
 def _pick_columns(cfg, features, eval_features, eval_split: str):
     """(image column, label column, whether the labels are plain int/str values rather than a ClassLabel)."""
-    from datasets import ClassLabel, Image
+    from datasets import ClassLabel
 
     if features is None:
         raise UsageError(f"--dataset_name {cfg.dataset_name!r}: the stream does not declare its features; "
                          "load it without --streaming or give it typed columns (Image, ClassLabel)")
-    image_col = pick_column(features, "image_column_name", cfg.image_column_name, Image, "Image")
+    image_col = pick_image_column(features, cfg.image_column_name)
     label_col = _label_column(cfg, features)
     check_image_column(features, image_col)
     for column in (image_col, label_col):

@@ -183,11 +183,11 @@ class StreamImages(torch.utils.data.IterableDataset):
     """A datasets stream of undecoded rows as (*uint8 views, label, position) samples (see loaders.sample)."""
 
     def __init__(self, stream, image_column: str, label_column: str, size: int, views=(), label_map=None,
-                 seeds: Optional[SampleSeeds] = None):
+                 seeds: Optional[SampleSeeds] = None, interpolation: str = "bilinear"):
         self.stream = stream
         self.seeds = seeds
         self.image_column, self.label_column = image_column, label_column
-        self.size = size
+        self.size, self.interpolation = size, interpolation
         self.views = list(views) or [lambda im: im]
         self.label_map = label_map
 
@@ -202,7 +202,8 @@ class StreamImages(torch.utils.data.IterableDataset):
             if self.label_map is not None:
                 label = self.label_map[label]
             position = row.get(POSITION, i)  # unique within a pass: the augmentation's seed
-            yield sample(row[self.image_column], label, position, self.size, self.views, self.seeds, draw=position)
+            yield sample(row[self.image_column], label, position, self.size, self.views, self.seeds, draw=position,
+                         interpolation=self.interpolation)
 
 
 class StreamLoader:
