@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+from .data.pipeline import STOP_SIGNALS
 from .launch import processes_with
 
 
@@ -18,17 +19,18 @@ class Stopped(Exception):
 
 
 class StopSignal:
-    """SIGTERM / SIGINT ask the loop to finish its step, checkpoint and exit; a second SIGINT aborts.
+    """SIGTERM / SIGINT / SIGUSR1 ask the loop to finish its step, checkpoint and exit; a second SIGINT aborts.
 
     One process stops at once (its window logged first); several agree at a logging step,
-    so that they write one checkpoint together.
+    so that they write one checkpoint together. The DataLoader workers ignore these signals
+    (data.pipeline), so one sent to the whole process group stops the run the same way.
     """
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
         self.signum = None
         self.previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             try:
                 self.previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. in a notebook's worker): leave signals alone
@@ -53,8 +55,9 @@ class StopSignal:
         name = signal.Signals(self.signum).name if self.signum else "a signal on another process"
         return Stopped(f"stopped by {name} after step {step}; checkpoint {checkpoint}; "
                        "continue with --resume_from_checkpoint latest",
-                       # 130 after Ctrl-C, the shell's status for an interrupted command (scripts and
-                       # schedulers can tell it from a finished run), yet a stop asked for, not an error
+                       # 130 after Ctrl-C and 138 after SIGUSR1, the shell's status for an interrupted command
+                       # (scripts and schedulers can tell it from a finished run: a batch script requeues on
+                       # 138), yet a stop asked for, not an error
                        0 if self.signum in (None, signal.SIGTERM) else 128 + self.signum, error=False)
 
     def restore(self):

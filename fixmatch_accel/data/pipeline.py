@@ -1,6 +1,7 @@
 """The training data of a run: loaders over the labeled and unlabeled sets, the decoded cache, the bad-image budget."""
 
 import os
+import signal
 from functools import partial
 from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
@@ -21,6 +22,17 @@ from .loaders import (
 )
 from .padding import PaddedToMultiple, padded_collate
 from .streaming import StreamImages, StreamLoader, batches_per_pass, fetch_rows, unlabeled_stream
+
+
+# What schedulers send to a whole process group to stop a job (SIGUSR1: Slurm's --signal warning).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
+
+
+def leave_stop_to_trainer(worker_id: int) -> None:
+    """DataLoader workers ignore the stop signals: the trainer finishes its step and checkpoints, then its workers
+    end with it (a worker killed by the group's signal would crash the trainer first)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def num_workers(cfg) -> int:
@@ -178,7 +190,7 @@ def build_loaders(cfg, data, labeled_idx: List[int], labeled_rows, size: int, pa
         labeled_ds = ImageDataset(labeled_rows, local, *columns, size, labeled_views,
                                   ids=[labeled_idx[i] for i in local], seeds=labeled_seeds, interpolation=interpolation)
         loader = partial(DataLoader, num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
-                         collate_fn=collate_fillers)
+                         collate_fn=collate_fillers, worker_init_fn=leave_stop_to_trainer)
         if data.streaming:
             labeled = loader(labeled_ds, batch_size=B, shuffle=True, drop_last=True)
             return _stream_loaders(cfg, data, labeled, loader, unlabeled_views, unlabeled_seeds, excluded, size,
