@@ -40,11 +40,13 @@ class TrainState:
         self.layout: Dict[str, int] = {}  # processes and workers: the data order depends on them
         self.settings: Dict = {}  # the run's settings, which a resume compares with its own
         self.saved_layout: Dict[str, int] = {}  # the layout of the checkpoint loaded, if any
+        self.restarts: List[Dict] = []  # each restart by torchrun's agent: count, step resumed from, steps lost, when
 
     def state_dict(self) -> Dict:
         return {"step": self.step, "skipped": self.skipped, "bad_images": self.bad_images,
                 "labeled_seen": self.labeled_seen, "unlabeled_seen": self.unlabeled_seen,
-                "positions": self.positions, "layout": self.layout, "settings": self.settings}
+                "positions": self.positions, "layout": self.layout, "settings": self.settings,
+                "restarts": self.restarts}
 
     def load_state_dict(self, saved: Dict) -> None:
         """Take a checkpoint's state; `saved_layout` says what layout it was saved with."""
@@ -58,6 +60,7 @@ class TrainState:
         self.labeled_seen = int(saved.get("labeled_seen", drawn))
         self.unlabeled_seen = int(saved.get("unlabeled_seen", drawn * (mu or 0)))
         self.positions = {k: [int(e), int(b)] for k, (e, b) in saved["positions"].items()}
+        self.restarts = list(saved.get("restarts", []))
 
 
 class GeneratorState:
@@ -118,12 +121,49 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def checkpoint_steps(output_dir: str) -> List[int]:
-    """Steps of the complete checkpoints, oldest first: only renamed `step_N` folders count, never `.tmp` ones."""
+def _step_folders(output_dir: str) -> List[int]:
+    """Steps of the renamed `step_N` folders, oldest first (never `.tmp` ones)."""
     root = os.path.join(output_dir, "checkpoints")
     if not os.path.isdir(root):
         return []
     return sorted(int(m.group(1)) for d in os.listdir(root) if (m := re.fullmatch(r"step_(\d+)", d)))
+
+
+def _marker(rank: int) -> str:
+    return f"complete_{rank}.json"
+
+
+def incomplete_reason(path: str) -> Optional[str]:
+    """Why a checkpoint folder lacks a process's part ('' never): None when every process wrote its part.
+
+    Each process writes its marker after its own files; the checkpoint's processes are those of
+    its trainer_state.json. A checkpoint written before the markers counts when every process's
+    RNG states are there.
+    """
+    try:
+        processes = int(_read_json(os.path.join(path, "trainer_state.json")).get("layout", {}).get("processes", 1))
+    except Exception:
+        return "no readable trainer_state.json"
+    names = os.listdir(path)
+    legacy = not any(name.startswith("complete_") for name in names)
+    expected = [f"random_states_{r}.pkl" if legacy else _marker(r) for r in range(processes)]
+    missing = [name for name in expected if name not in names]
+    return f"no {', '.join(missing)}" if missing else None
+
+
+def checkpoint_steps(output_dir: str) -> List[int]:
+    """Steps of the complete checkpoints, oldest first: renamed `step_N` folders that every process wrote its part
+    of; never `.tmp` ones."""
+    root = os.path.join(output_dir, "checkpoints")
+    return [s for s in _step_folders(output_dir) if incomplete_reason(os.path.join(root, f"step_{s}")) is None]
+
+
+def incomplete_checkpoints(output_dir: str) -> List[str]:
+    """`step_N (why)` for each step folder newer than the newest complete checkpoint that is not complete."""
+    complete, root = checkpoint_steps(output_dir), os.path.join(output_dir, "checkpoints")
+    newest = complete[-1] if complete else -1
+    return [f"step_{s} ({incomplete_reason(os.path.join(root, f'step_{s}'))})"
+            for s in _step_folders(output_dir) if s > newest]
 
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:
@@ -155,6 +195,9 @@ def save_checkpoint(accelerator, output_dir: str, step: int, components: Compone
             if state != {}:
                 _write(os.path.join(tmp, _file_name(name, state)), state)
         shutil.copy(os.path.join(output_dir, "labeled_split.json"), tmp)  # the run's labeled examples
+    # Last, this process's part is whole: a checkpoint counts only with every process's marker, which a
+    # process killed mid-write (or on a machine that writes to a disk of its own) never leaves.
+    write_json(os.path.join(tmp, _marker(accelerator.process_index)), {"step": step})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if os.path.isdir(final):  # the same step saved before a resume: keep the older copy aside
@@ -227,7 +270,8 @@ def resolve_resume(cfg) -> Optional[str]:
     elif cfg.resume_from_checkpoint == "latest":
         path = latest_checkpoint(cfg.output_dir)
         if path is None:
-            raise UsageError(f"--resume_from_checkpoint latest: no checkpoint under {cfg.output_dir}/checkpoints")
+            raise UsageError(f"--resume_from_checkpoint latest: no complete checkpoint under "
+                             f"{cfg.output_dir}/checkpoints")
     else:
         path = cfg.resume_from_checkpoint
         if not os.path.isdir(path):
@@ -270,6 +314,10 @@ def check_output_dir(cfg, resume_path: Optional[str]) -> bool:
     present = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.output_dir, f))]
     own = resume_path is not None and (os.path.dirname(os.path.realpath(resume_path))
                                        == os.path.realpath(os.path.join(cfg.output_dir, "checkpoints")))
+    if cfg.resume_from_checkpoint == "auto" and resume_path is None and "model.safetensors" not in present:
+        # Only the start of a run, which never wrote a complete checkpoint (e.g. killed and restarted
+        # early): nothing worth continuing, so start again with its files set aside, not refuse.
+        return bool(present)
     if own and cfg.overwrite_output_dir:
         raise UsageError(f"--overwrite_output_dir with --resume_from_checkpoint {resume_path!r}: that checkpoint is "
                          "this --output_dir's own run, which resuming continues; drop one of the two")
@@ -302,20 +350,36 @@ def set_aside_previous_run(output_dir: str) -> str:
 
 
 class Checkpointer:
-    """Saves the run's components every --checkpointing_steps (and when asked), keeping the newest
-    --checkpoints_total_limit; `load` restores them."""
+    """Saves the run's components every --checkpointing_steps or --checkpointing_minutes (and when asked), keeping
+    the newest --checkpoints_total_limit; `load` restores them."""
 
     def __init__(self, accelerator, cfg, state: TrainState, components: Components):
         self.accelerator, self.state, self.components = accelerator, state, components
         self.every, self.total_limit = cfg.checkpointing_steps, cfg.checkpoints_total_limit
+        self.minutes = cfg.checkpointing_minutes
         self.output_dir = cfg.output_dir
+        self.last_saved = time.monotonic()
+        self.saved_step: Optional[int] = None  # the step of the checkpoint written or loaded last
 
     def save(self) -> str:
-        return save_checkpoint(self.accelerator, self.output_dir, self.state.step, self.components,
+        path = save_checkpoint(self.accelerator, self.output_dir, self.state.step, self.components,
                                total_limit=self.total_limit)
+        self.last_saved, self.saved_step = time.monotonic(), self.state.step
+        return path
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.every) or self.minutes is not None
+
+    def overdue(self) -> bool:
+        """--checkpointing_minutes have passed since the last checkpoint, by this process's clock: only process 0's
+        counts (the run agrees on it at a logging step), so another process always says no."""
+        return (self.minutes is not None and self.accelerator.is_main_process
+                and time.monotonic() - self.last_saved >= 60 * self.minutes)
 
     def load(self, path: str) -> None:
         load_checkpoint(self.accelerator, path, self.components)
+        self.saved_step = self.state.step
         now, saved = self.state.layout, self.state.saved_layout
         changed = [f"{k} {now.get(k)} (was {v})" for k, v in saved.items() if now.get(k) != v]
         if changed:

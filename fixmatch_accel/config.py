@@ -104,6 +104,7 @@ class SharedConfig:
     logging_steps: int = _f(50, "Steps between metrics.jsonl rows (the only host syncs of the loop).")
     eval_steps: int = _f(1024, "Steps between evaluations of the EMA model (and one at the end); 0: only at the end.")
     checkpointing_steps: int = _f(4096, "Steps between checkpoints under output_dir/checkpoints; 0: none.")
+    checkpointing_minutes: Optional[float] = _f(None, "Also checkpoint once this many minutes have passed since the last checkpoint (or the start), whichever of this and --checkpointing_steps comes first, so a slow run on a preemptible machine loses at most about this long. Process 0's clock decides, read at logging steps only (no extra sync). Default: steps only.")
     skip_nonfinite_steps: bool = _f(False, "Skip (and count) a step whose loss is not finite instead of stopping; costs a host sync per step.")
     checkpoints_total_limit: Optional[int] = _f(None, "Keep only the newest K checkpoints (older ones are deleted); default: keep all.")
     resume_from_checkpoint: Optional[str] = _f(None, "Checkpoint folder to resume from; 'latest' (newest in output_dir/checkpoints); or 'auto': resume from the newest when there is one, else start (one command for preemptible jobs). A resumed run keeps its checkpoint's model, data, batch shape, optimizer settings and seed; other settings given now take effect, with a note.")
@@ -484,6 +485,8 @@ def validate(cfg: TrainConfig) -> None:
             raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.layer_decay is not None and not 0.0 < cfg.layer_decay <= 1.0:
         raise UsageError(f"--layer_decay must be in (0, 1] (1: off), got {cfg.layer_decay}")
+    if cfg.checkpointing_minutes is not None and cfg.checkpointing_minutes <= 0:
+        raise UsageError(f"--checkpointing_minutes must be positive, got {cfg.checkpointing_minutes}")
     if cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0:
         raise UsageError(f"--max_grad_norm must be positive, got {cfg.max_grad_norm}")
     if cfg.warmup_steps < 0:

@@ -2,6 +2,7 @@
 
 import datetime
 import os
+from typing import Tuple
 
 import torch
 
@@ -51,6 +52,24 @@ def make_accelerator(cfg, log_with):
         raise UsageError("--compile (torch.compile) is not for XLA devices: there every training step is already "
                          "traced and compiled as one graph; leave it out")
     return accelerator
+
+
+def check_same_start(accelerator, resume_step: int) -> None:
+    """Refuse a launch whose processes chose different checkpoints to continue (-1: none), each having looked at
+    --output_dir on its own (one collective, at set-up)."""
+    if accelerator.num_processes == 1:
+        return
+    steps = accelerator.gather(torch.tensor([resume_step], device=accelerator.device)).tolist()
+    if len(set(steps)) > 1:
+        chose = ", ".join(f"process {r}: {f'step {s}' if s >= 0 else 'a new run'}" for r, s in enumerate(steps))
+        raise UsageError(f"--resume_from_checkpoint: the processes found different checkpoints ({chose}); "
+                         "--output_dir must be one folder that every process sees (a disk all machines share)")
+
+
+def restart_count() -> Tuple[int, int]:
+    """(restarts so far, restarts allowed) of torchrun's elastic agent (`accelerate launch --max_restarts N`)."""
+    return (int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")))
 
 
 def num_machines(world: int) -> int:

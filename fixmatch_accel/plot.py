@@ -43,8 +43,8 @@ def read_metrics(path: str) -> Tuple[List[Dict], List[Dict]]:
                 row = json.loads(line)
             except ValueError:
                 continue
-            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-                continue
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int) or "restart" in row:
+                continue  # not a row, or a restart's record (the resumed steps that follow drop the lost tail)
             key = ("eval" if "top1" in row else "train", row["step"])
             if row["step"] < last or key in seen:
                 rows = [r for r in rows if r["step"] < row["step"]]

@@ -6,7 +6,14 @@ import os
 from typing import Dict, List, NamedTuple, Optional
 
 from . import augment
-from .checkpoint import check_output_dir, reconcile_resume, resolve_resume, saved_settings, saved_step
+from .checkpoint import (
+    check_output_dir,
+    incomplete_checkpoints,
+    reconcile_resume,
+    resolve_resume,
+    saved_settings,
+    saved_step,
+)
 from .config import TrainConfig, optimizer_lr_note, pretrained_defaults_note
 from .errors import UsageError
 
@@ -25,11 +32,16 @@ def check_start(cfg: TrainConfig, sources: Dict[str, str]) -> Start:
     notes = [strong_augment_note(cfg.strong_augment), pretrained_defaults_note(cfg, sources),
              optimizer_lr_note(cfg, sources)]
     resume_path = resolve_resume(cfg)
+    replacing = check_output_dir(cfg, resume_path)
+    if cfg.resume_from_checkpoint in ("auto", "latest"):
+        skipped = incomplete_checkpoints(cfg.output_dir)
+        if skipped:  # e.g. a process killed while writing it: some process's part is missing
+            notes.append(f"note: not resuming from incomplete checkpoint(s): {', '.join(skipped)}")
     if cfg.resume_from_checkpoint == "auto":
         notes.append(f"--resume_from_checkpoint auto: resuming from {resume_path}" if resume_path else
-                     f"--resume_from_checkpoint auto: no checkpoint in {cfg.output_dir}/checkpoints, "
-                     "starting a new run")
-    replacing = check_output_dir(cfg, resume_path)
+                     f"--resume_from_checkpoint auto: no complete checkpoint in {cfg.output_dir}/checkpoints, "
+                     "starting a new run" + (" (the files of its unfinished start are set aside)" if replacing
+                                             else ""))
     # A resumed run's weights are its checkpoint's: the pretrained file may be gone by then.
     if resume_path is None and cfg.pretrained_file is not None and not os.path.isfile(cfg.pretrained_file):
         raise UsageError(f"--pretrained_file {cfg.pretrained_file!r}: no such file")

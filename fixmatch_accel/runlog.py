@@ -1,6 +1,7 @@
 """What a run reports: config.json, metrics.jsonl rows (all-reduced windows), the console line or bar, trackers."""
 
 import contextlib
+import datetime
 import hashlib
 import json
 import math
@@ -110,6 +111,23 @@ def write_run_config(cfg, sources: Dict[str, str], accelerator, *, data, resolve
         device=str(accelerator.device),
         versions=versions(),
     ))
+
+
+def last_logged_step(output_dir: str) -> Optional[int]:
+    """The last step metrics.jsonl logged a training row for (None: no such row); a line cut short is skipped."""
+    last = None
+    try:
+        with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and "loss" in row and isinstance(row.get("step"), int):
+                    last = row["step"]
+    except OSError:
+        return None
+    return last
 
 
 class MetricsLog:
@@ -280,6 +298,20 @@ class RunLog:
             yield
         finally:
             self.paused_s += time.perf_counter() - start
+
+    def restarted(self, count: int, allowed: int, resumed: bool, last_logged: Optional[int]) -> None:
+        """Record a restart by torchrun's agent in trainer_state.json (the next checkpoint's), metrics.jsonl and on
+        the console. `last_logged`: the step the run had logged before (main process; None elsewhere)."""
+        step = self.state.step
+        lost = None if last_logged is None else max(0, last_logged - step)
+        record = dict(restart=count, max_restarts=allowed, resumed_from=step if resumed else None, lost_steps=lost,
+                      time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        self.state.restarts.append(record)
+        self.metrics.write(dict(step=step, **record))
+        how = f"resumed from step {step}" if resumed else "no complete checkpoint, started again at step 0"
+        self.accelerator.print(f"restart {count} of {allowed}: {how}"
+                               + ("" if lost is None else f" (lost {lost} step{'' if lost == 1 else 's'})"),
+                               flush=True)
 
     def write_eval(self, step: int, result: Dict) -> None:
         self.metrics.write(dict(step=step, top1=result["top1"], top5=result["top5"], top_k=result["top_k"],

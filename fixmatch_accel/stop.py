@@ -1,7 +1,7 @@
 """What ends a run early: a stop signal (after a checkpoint) or a non-finite loss or weight."""
 
 import signal
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -45,11 +45,18 @@ class StopSignal:
         """A single process logs its window at once when signalled."""
         return self.accelerator.num_processes == 1 and self.signum is not None
 
-    def agreed(self, logged: bool) -> bool:
-        """Whether the run stops after this step (several processes: a collective, only at logging steps)."""
-        if self.accelerator.num_processes == 1:
-            return self.signum is not None
-        return logged and processes_with(self.accelerator, self.signum is not None) > 0
+    def agreed(self, logged: bool, main_flag: bool = False) -> Tuple[bool, bool]:
+        """Whether the run stops after this step, and process 0's `main_flag` (read at logging steps only), known to
+        every process: with several, one collective at logging steps, where the run syncs anyway."""
+        accelerator = self.accelerator
+        if accelerator.num_processes == 1:
+            return self.signum is not None, logged and main_flag
+        if not logged:
+            return False, False
+        flags = torch.tensor([self.signum is not None, main_flag and accelerator.is_main_process],
+                             dtype=torch.float32, device=accelerator.device)
+        stop, flag = accelerator.reduce(flags, reduction="sum").tolist()
+        return stop > 0, flag > 0
 
     def stopped(self, step: int, checkpoint: str) -> Stopped:
         name = signal.Signals(self.signum).name if self.signum else "a signal on another process"

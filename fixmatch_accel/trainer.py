@@ -11,7 +11,15 @@ import torch
 
 from . import augment
 from .algorithms.objective import Objective
-from .checkpoint import Checkpointer, Components, GeneratorState, TrainState, set_aside_previous_run, write_json
+from .checkpoint import (
+    Checkpointer,
+    Components,
+    GeneratorState,
+    TrainState,
+    saved_step,
+    set_aside_previous_run,
+    write_json,
+)
 from .config import Resolved, TrainConfig, resolve
 from .data import (
     default_image_size,
@@ -28,12 +36,12 @@ from .data.streaming import StreamLoader
 from .ema import ModelEMA
 from .errors import UsageError
 from .evaluate import Evaluator
-from .launch import make_accelerator, step_collectives
+from .launch import check_same_start, make_accelerator, restart_count, step_collectives
 from .models import create_model, model_args
 from .optim import build_optimizer, schedule_at
 from .preflight import Start, check_start
 from .pretrained import model_input_side, pretrained_preprocessing
-from .runlog import RunLog, trackers, write_run_config
+from .runlog import RunLog, last_logged_step, trackers, write_run_config
 from .step import TrainStep, build_objective, model_inputs
 from .stop import StopSignal, all_finite, finite_weights, nonfinite
 from .xla import give_loader_dataset, is_xla, load_models_on_host
@@ -153,9 +161,10 @@ def loop(run: Run, stop: StopSignal) -> None:
         logging = run.log.due(step) or stop.forces_log()
         if logging:
             run.log.write(step, lr)
-        stopping = stop.agreed(logging)
+        # Several processes agree at a logging step on a stop and on process 0's --checkpointing_minutes clock.
+        stopping, overdue = stop.agreed(logging, logging and run.checkpointer.overdue())
         evaluating = run.evaluator.due(step) and not stopping
-        saving = run.checkpointer.due(step) or stopping
+        saving = run.checkpointer.due(step) or overdue or stopping
         if evaluating or saving:
             with run.log.paused():
                 if evaluating:
@@ -172,7 +181,7 @@ def finish(run: Run) -> Dict:
     if not finite_weights(run.live_model, run.log.window.sums.get("loss")):
         raise run.nonfinite(state.step)
     result = run.evaluator(state.step)
-    if cfg.checkpointing_steps and state.step % cfg.checkpointing_steps:
+    if run.checkpointer.enabled and run.checkpointer.saved_step != state.step:
         run.checkpointer.save()
     accelerator.wait_for_everyone()
     # model.safetensors, main process only. accelerate's safetensors path reads host pointers: on XLA the
@@ -210,6 +219,10 @@ def setup_run(start: Start) -> Run:
         accelerator.print(note)
     set_seed(cfg.seed)
     resuming = start.resume_path is not None
+    check_same_start(accelerator, saved_step(start.resume_path) if resuming else -1)
+    # Restarted by torchrun's agent: how far the run had logged, before a new start sets those files aside.
+    restarts, max_restarts = restart_count()
+    last_logged = last_logged_step(cfg.output_dir) if restarts and accelerator.is_main_process else None
     rd = setup_data(cfg, start.sources, accelerator, start.resume_path if start.split_from_checkpoint else None,
                     start.replacing)
     model, optimizer, scheduler, loaders = setup_model(cfg, accelerator, rd, resuming=resuming)
@@ -253,6 +266,8 @@ def setup_run(start: Start) -> Run:
                  console=objective.algorithm.console,
                  nonfinite=lambda step, since: nonfinite(step, since, checkpointer.latest(),
                                                          accelerator.mixed_precision))  # an error to raise
+    if restarts:
+        log.restarted(restarts, max_restarts, resuming, last_logged)
     labeled_loader, unlabeled_loader, eval_loader = loaders
     evaluator = Evaluator(
         accelerator, cfg, ema, eval_loader,
@@ -291,8 +306,8 @@ def setup_data(cfg: TrainConfig, sources: Dict[str, str], accelerator, split_che
         raise UsageError(f"--output_dir {cfg.output_dir!r}: cannot create it ({e.strerror})") from None
     if accelerator.is_main_process:
         if replacing:  # only now: --labeled_split_file may have named the previous run's split
-            accelerator.print(f"--overwrite_output_dir: the previous run's files are now in "
-                              f"{set_aside_previous_run(cfg.output_dir)}")
+            why = "--overwrite_output_dir" if cfg.overwrite_output_dir else "--resume_from_checkpoint auto"
+            accelerator.print(f"{why}: the previous run's files are now in {set_aside_previous_run(cfg.output_dir)}")
         save_labeled_split(os.path.join(cfg.output_dir, "labeled_split.json"), labeled_idx, cfg, data)
     # Image size and channel statistics from a seeded sample (a stream: its labeled examples).
     stats_source, rows = ((labeled_rows, range(len(labeled_rows))) if data.streaming

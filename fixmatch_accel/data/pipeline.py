@@ -23,7 +23,6 @@ from .loaders import (
 from .padding import PaddedToMultiple, padded_collate
 from .streaming import StreamImages, StreamLoader, batches_per_pass, fetch_rows, unlabeled_stream
 
-
 # What schedulers send to a whole process group to stop a job (SIGUSR1: Slurm's --signal warning).
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
 
