@@ -1,5 +1,7 @@
 """The training data of a run: loaders over the labeled and unlabeled sets, the decoded cache, the bad-image budget."""
 
+import atexit
+import multiprocessing
 import os
 import signal
 from functools import partial
@@ -32,6 +34,18 @@ def leave_stop_to_trainer(worker_id: int) -> None:
     end with it (a worker killed by the group's signal would crash the trainer first)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _end_workers_at_exit() -> None:
+    """SIGKILL the worker processes still alive when the trainer exits (after an error, a loader's workers may be).
+
+    multiprocessing's own exit handler sends its daemon children SIGTERM, which the workers now
+    ignore, and then waits for them: the trainer would never exit, and a peer waiting for it would
+    hang. atexit runs this first (registered after multiprocessing's handler).
+    """
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 def num_workers(cfg) -> int:
@@ -170,6 +184,8 @@ def build_loaders(cfg, data, labeled_idx: List[int], labeled_rows, size: int, pa
     B, U = cfg.per_device_train_batch_size, cfg.mu * cfg.per_device_train_batch_size
     world, device = accelerator.num_processes, accelerator.device
     workers, pin_memory = num_workers(cfg), device.type == "cuda"
+    if workers:
+        atexit.register(_end_workers_at_exit)
     excluded = set(labeled_idx) if cfg.unlabeled_excludes_labeled else set()
     if len(excluded) >= data.num_train:
         raise UsageError(f"--unlabeled_excludes_labeled: all {data.num_train} train examples are labeled, which leaves "
