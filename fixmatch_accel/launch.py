@@ -20,6 +20,7 @@ def make_accelerator(cfg, log_with):
     # otherwise every process would train alone, believing it is the only one.
     cpu = world_size > 1 and not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_XLA") is None
     mixed_precision = cfg.mixed_precision
+    join_restarted_group(cpu or not torch.cuda.is_available(), cfg.ddp_timeout)
     if mixed_precision is None and "1" in (os.environ.get("XLA_USE_BF16"), os.environ.get("XLA_DOWNCAST_BF16")):
         # accelerate's TPU launcher hands a config's bf16 on only as these variables, which torch_xla 2.6+ ignores.
         mixed_precision = "bf16"
@@ -52,6 +53,26 @@ def make_accelerator(cfg, log_with):
         raise UsageError("--compile (torch.compile) is not for XLA devices: there every training step is already "
                          "traced and compiled as one graph; leave it out")
     return accelerator
+
+
+def join_restarted_group(cpu: bool, timeout_s: int) -> None:
+    """After a restart by torchrun's agent, join the process group through a store prefix of its own (accelerate then
+    uses that group).
+
+    The agent's store outlives its workers and torch (2.14) adds no prefix per attempt: the restarted
+    processes could read their dead predecessors' addresses from it and fail to connect (gloo:
+    "connectFullMesh failed ... Connection refused"), using up a restart.
+    """
+    restart, world = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), int(os.environ.get("WORLD_SIZE", "1"))
+    if restart == "0" or world == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    dist.init_process_group("gloo" if cpu else "nccl", store=dist.PrefixStore(f"restart_{restart}", store),
+                            rank=int(os.environ["RANK"]), world_size=world, timeout=timeout)
 
 
 def check_same_start(accelerator, resume_step: int) -> None:

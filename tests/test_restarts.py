@@ -143,7 +143,7 @@ def complete_steps(out: Path):
     return checkpoint_steps(str(out))
 
 
-@pytest.mark.parametrize("every", [["--checkpointing_steps", 5], ["--checkpointing_minutes", 0.03]],
+@pytest.mark.parametrize("every", [["--checkpointing_steps", 5], ["--checkpointing_minutes", 0.01]],
                          ids=["steps", "minutes"])
 def test_killed_processes_are_restarted_and_the_run_ends_as_if_never_killed(tmp_path, two_process_straight, every):
     """`accelerate launch --max_restarts 3`: a rank SIGKILLed before the first checkpoint, another at a random moment
