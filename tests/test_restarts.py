@@ -194,3 +194,31 @@ def test_killed_processes_are_restarted_and_the_run_ends_as_if_never_killed(tmp_
     for r in restarts[1:]:
         assert f"restart {r['restart']} of 3: resumed from step {r['resumed_from']} (lost {r['lost_steps']} step" \
             in printed, printed[-3000:]
+
+
+def test_auto_passes_over_incomplete_checkpoints_and_starts_again_after_a_bare_start(tmp_path):
+    """What `auto` chooses from the files a killed run left (no training: the choice is made before it)."""
+    from fixmatch_accel.config import parse_args
+    from fixmatch_accel.errors import UsageError
+    from fixmatch_accel.preflight import check_start
+
+    out = tmp_path / "run"
+    step = out / "checkpoints" / "step_4"
+    step.mkdir(parents=True)
+    for name in ("metrics.jsonl", "config.json"):
+        (out / name).write_text("{}\n")
+    (step / "labeled_split.json").write_text("{}")
+    (step / "trainer_state.json").write_text(json.dumps({"step": 4, "layout": {"processes": 2}}))
+    (step / "complete_0.json").write_text("{}")  # process 1 never finished its part
+    flags = ["--dataset_name", "digits", "--output_dir", str(out), "--resume_from_checkpoint", "auto"]
+    start = check_start(*parse_args(flags))
+    assert start.resume_path is None and start.replacing  # only a start: set aside, not refused
+    assert any("incomplete checkpoint(s): step_4 (no complete_1.json)" in n for n in start.notes)
+    assert any("no complete checkpoint" in n and "set aside" in n for n in start.notes)
+    (step / "complete_1.json").write_text("{}")
+    start = check_start(*parse_args(flags))
+    assert start.resume_path == str(step) and not start.replacing
+    (step / "complete_1.json").unlink()
+    (out / "model.safetensors").write_bytes(b"")  # a finished run is more than a start: refused as before
+    with pytest.raises(UsageError, match="already holds a run"):
+        check_start(*parse_args(flags))

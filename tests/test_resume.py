@@ -238,9 +238,8 @@ def test_only_an_own_checkpoint_continues_the_run_in_output_dir(finished, tmp_pa
     with pytest.raises(UsageError, match="--resume_from_checkpoint .*checkpoints': "
                                          "not a checkpoint \\(no trainer_state"):
         resolve_resume(TrainConfig(output_dir=str(finished), resume_from_checkpoint=str(finished / "checkpoints")))
-    (finished / "checkpoints" / "step_9").mkdir()  # an empty step folder is the newest
-    with pytest.raises(UsageError, match="step_9': not a checkpoint"):
-        resolve_resume(TrainConfig(output_dir=str(finished), resume_from_checkpoint="latest"))
+    (finished / "checkpoints" / "step_9").mkdir()  # an empty step folder is incomplete: never chosen
+    assert resolve_resume(TrainConfig(output_dir=str(finished), resume_from_checkpoint="latest")) == own
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

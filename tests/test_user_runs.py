@@ -117,7 +117,8 @@ def test_resume_auto_starts_then_continues_and_defaults_follow_the_checkpoint(tm
                           "--strong_augment", "rand-m100"]
     started = run_train(args + ["--max_train_steps", "2"])
     assert started.returncode == 0, started.stderr[-2000:]
-    assert f"--resume_from_checkpoint auto: no checkpoint in {out}/checkpoints, starting a new run" in started.stdout
+    assert (f"--resume_from_checkpoint auto: no complete checkpoint in {out}/checkpoints, starting a new run"
+            in started.stdout)
     assert "note: --strong_augment rand-m100: magnitude 100 is clipped to 10" in started.stdout
     # The same command, longer; the batch size and model are not repeated: they are the checkpoint's.
     continued = run_train(["--dataset_name", "digits", "--output_dir", out, "--resume_from_checkpoint", "auto",
