@@ -28,12 +28,12 @@ TRAIN = ROOT / "train.py"
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 
 
-def machine(rank: int, port: int):
+def machine(rank: int, port: int, flags=()):
     """One machine's launch: the 2 x 8 GPU config scaled to one process per machine (num_processes counts both
     machines' processes), float32 on the CPU (the trainer picks gloo on the CPU when there is no GPU)."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(MULTI_NODE),
             "--num_processes", "2", "--mixed_precision", "no", "--machine_rank", str(rank),
-            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), *map(str, flags)]
 
 
 def kill_machine(proc) -> None:
@@ -51,14 +51,15 @@ def kill_machine(proc) -> None:
 
 
 @contextlib.contextmanager
-def two_machines(logs: Path, script, args, extra=((), ())):
-    """Start machines 0 and 1 on `script args` (+ each one's `extra`); whatever is left is killed on exit."""
+def two_machines(logs: Path, script, args, extra=((), ()), flags=()):
+    """Start machines 0 and 1 on `script args` (+ each one's `extra`; `flags` for the launcher); whatever is left
+    is killed on exit."""
     port, procs = free_port(), []
     try:
         for rank in (0, 1):
             # Output to files: two pipes read one after the other could fill and block a machine.
             with open(f"{logs}.{rank}.out", "w") as out, open(f"{logs}.{rank}.err", "w") as err:
-                cmd = machine(rank, port) + [str(script), *map(str, args), *map(str, extra[rank])]
+                cmd = machine(rank, port, flags) + [str(script), *map(str, args), *map(str, extra[rank])]
                 procs.append(subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=out, stderr=err, start_new_session=True))
         yield procs
     finally:
@@ -205,3 +206,33 @@ def test_ddp_timeout_must_be_positive():
     assert parse_args(["--dataset_name", "digits"])[0].ddp_timeout == 1800
     with pytest.raises(UsageError, match="--ddp_timeout must be at least 1, got 0"):
         parse_args(["--dataset_name", "digits", "--ddp_timeout", "0"])
+
+
+def test_a_killed_process_on_one_machine_is_restarted_on_both(tmp_path):
+    """`--max_restarts 2` on both machines: a trainer SIGKILLed on machine 1 is restarted by its agent; machine 0's
+    trainer fails at its next collective and is restarted by its own; both meet again (a store prefix per restart)
+    and continue from the newest complete checkpoint, ending with the weights of the run never killed."""
+    args = ARGS[:-2] + ["--max_train_steps", "24", "--logging_steps", "1", "--ddp_timeout", "60",
+                        "--resume_from_checkpoint", "auto"]
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    for result in run_two_machines(tmp_path / "straight_log", args + ["--output_dir", straight]):
+        check_ok(result)
+    with two_machines(tmp_path / "logs", TRAIN, args + ["--output_dir", out],
+                      flags=["--max_restarts", 2, "--monitor_interval", 0.2]) as (machine0, machine1):
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoints" / "step_2").is_dir():  # training with a checkpoint to go back to
+            assert machine0.poll() is None and machine1.poll() is None, "a machine ended before the kill"
+            assert time.monotonic() < deadline, "training never began"
+            time.sleep(0.05)
+        trainer = next(p for p in psutil.Process(machine1.pid).children() if "train.py" in " ".join(p.cmdline()))
+        trainer.kill()
+        killed = time.monotonic()
+        codes = [m.wait(timeout=240) for m in (machine0, machine1)]
+        took = time.monotonic() - killed
+    results = [output(tmp_path / "logs", rank, code) for rank, code in enumerate(codes)]
+    for result in results:
+        check_ok(result)
+    assert "restart 1 of 2: resumed from step" in results[0].stdout, results[0].stdout[-2000:]
+    a, b = load_file(straight / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert took < 120, took
