@@ -25,7 +25,7 @@ TRACKER_PACKAGES = dict(tensorboard="tensorboard (or tensorboardX)", wandb="wand
                         trackio="trackio")
 
 # Order of the statistics in the one flat tensor that is all-reduced at logging steps.
-SUMMED = ("loss", "loss_x", "loss_u", "mask_count", "num_unlabeled", "pseudo_label_correct")
+SUMMED = ("loss", "loss_x", "loss_u", "mask_count", "num_unlabeled", "pseudo_label_correct", "pseudo_label_known")
 
 
 def trackers(report_to: str):
@@ -79,7 +79,7 @@ def write_run_config(cfg, sources: Dict[str, str], accelerator, data, resolved, 
                       cache_decoded=resolved.cache_decoded, channels_last=resolved.channels_last,
                       eval_split=data.eval_split, image_column=data.image_column, label_column=data.label_column,
                       num_train=data.num_train, num_eval=len(data.eval_labels), num_labeled=num_labeled,
-                      streaming=data.streaming),
+                      streaming=data.streaming, unlabeled=data.unlabeled.record()),
         world_size=world,
         num_machines=num_machines(world),
         # per optimizer step: B and mu*B on every process, --gradient_accumulation_steps times
@@ -148,7 +148,7 @@ class Window:
         flat = torch.cat([torch.stack([s[k] for k in (*SUMMED, "bad_images")]), s["mask_per_class"],
                           *(s[k].reshape(-1) for k in self.averaged)])
         flat = accelerator.reduce(flat, reduction="sum").tolist()
-        loss, loss_x, loss_u, masked, unlabeled, correct, bad = flat[: len(SUMMED) + 1]
+        loss, loss_x, loss_u, masked, unlabeled, correct, known, bad = flat[: len(SUMMED) + 1]
         n = self.steps * accelerator.num_processes
         means, start = {}, len(SUMMED) + 1 + self.num_classes
         for k, shape in self.averaged.items():
@@ -158,7 +158,8 @@ class Window:
         return dict(
             loss=loss / n, loss_x=loss_x / n, loss_u=loss_u / n,
             mask_ratio=masked / max(unlabeled, 1.0),
-            pseudo_label_acc=correct / masked if masked else None,  # no confident image in the window: no accuracy
+            # over the confident images whose true class is known; none in the window: no accuracy
+            pseudo_label_acc=correct / known if known else None,
             mask_per_class=[int(c) for c in flat[len(SUMMED) + 1: len(SUMMED) + 1 + self.num_classes]],
             bad_images=int(bad),
             **means,
@@ -194,6 +195,7 @@ class RunLog:
     def add(self, stats: Optional[Dict[str, torch.Tensor]], rows: torch.Tensor) -> None:
         """One (micro-)batch's statistics (None: skipped); they stay on the device until a logging step."""
         self.window.add(stats, rows)
+        self.bad_images.note(rows)
         self.state.labeled_seen += self.labeled_per_step
         self.state.unlabeled_seen += self.unlabeled_per_step
         if stats is None:
@@ -218,11 +220,11 @@ class RunLog:
         if summary["bad_images"]:
             self.state.bad_images += summary["bad_images"]
             bad_row = int(self.accelerator.gather(self.window.sums["bad_row"].view(1)).max())
-            self.bad_images.check_training(self.state.bad_images, bad_row, step * self.images_per_step)
+            self.bad_images.check_training(self.state, bad_row, self.accelerator)
         elapsed = time.perf_counter() - self.window_start - self.paused_s
         row = dict(step=step, lr=lr, images_per_s=self.images_per_step * self.window.steps / max(elapsed, 1e-9),
                    labeled_seen=self.state.labeled_seen, unlabeled_seen=self.state.unlabeled_seen,
-                   skipped_steps=self.state.skipped, skipped_images=self.bad_images.total(self.state.bad_images),
+                   skipped_steps=self.state.skipped, skipped_images=self.bad_images.total(self.state),
                    **{k: v for k, v in summary.items() if k != "bad_images"})
         self.metrics.write(row)
         self._show(row)
