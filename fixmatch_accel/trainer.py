@@ -208,7 +208,7 @@ def setup_run(start: Start) -> Run:
     ema.module.to(accelerator.device)  # the EMA copy is never prepared: it is evaluated and saved as it is
     state = TrainState()
     state.settings = cfg.to_dict()
-    state.layout = dict(processes=accelerator.num_processes,
+    state.layout = dict(processes=accelerator.num_processes, unlabeled_rows=rd.data.unlabeled.num_rows,
                         **({"workers": num_workers(cfg)} if rd.data.streaming else {}))
     # XLA has no torch.Generator: draw the (small) augmentation parameters on the host, the same numbers as a
     # CPU run, and copy them to the device with the batch; the pixel work stays on the device.

@@ -22,8 +22,9 @@ def write_stl_like(root: Path, train=12, test=6, unlabeled=20, unlabeled_split="
     features = Features({"image": ImageFeature(), "label": ClassLabel(names=NAMES)})
     rng = np.random.default_rng(0)
     (root / "data").mkdir(parents=True)
-    for split, n, labels in (("train", train, [i % 3 for i in range(train)]), ("test", test, [i % 3 for i in range(test)]),
-                             (unlabeled_split, unlabeled, [-1] * unlabeled)):
+    splits = (("train", train, [i % 3 for i in range(train)]), ("test", test, [i % 3 for i in range(test)]),
+              (unlabeled_split, unlabeled, [-1] * unlabeled))
+    for split, n, labels in splits:
         if not n:
             continue
         images = [Image.fromarray(np.uint8(40 + 80 * max(y, 0)) + rng.integers(0, 40, (8, 8, 3), dtype=np.uint8))
@@ -174,3 +175,120 @@ def test_two_processes_read_a_streamed_split_once_per_pass(tmp_path, stl):
     for epoch in ("unlabeled", "unlabeled_1"):  # 2 pieces of 16 = 4 batches of 4 each: all 32, once
         assert sorted(ranks[0][epoch] + ranks[1][epoch]) == list(range(32)), epoch
     assert ranks[0]["unlabeled"] != ranks[0]["unlabeled_1"]
+
+
+def losses(out: Path):
+    return {r["step"]: r["loss"] for r in metrics(out) if "loss" in r}
+
+
+@pytest.mark.parametrize("source", ["folder", "stream"])
+def test_resume_mid_pass_is_exact(tmp_path, stl, source):
+    """A checkpoint in the middle of a pass over the unlabeled source; the resumed run logs the same losses."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    if source == "folder":
+        data = ["--train_dir", write_image_folder(tmp_path / "train", per_class=4),
+                "--unlabeled_dir", write_unlabeled_folder(tmp_path / "dump"), "--algorithm", "flexmatch"]
+    else:
+        data = ["--dataset_name", stl, "--unlabeled_split", "train+unlabeled", "--streaming"]
+    args = data + TINY + ["--augment_device", "accelerator", "--max_train_steps", "9", "--checkpointing_steps", "5"]
+    straight = tmp_path / "straight"
+    check_ok(run_train(args + ["--output_dir", straight]))
+    state = json.loads((straight / "checkpoints" / "step_5" / "trainer_state.json").read_text())
+    assert state["positions"]["unlabeled"][1] > 0  # mid-pass
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    (resumed / "metrics.jsonl").write_text("")
+    result = run_train(args + ["--output_dir", resumed, "--resume_from_checkpoint", resumed / "checkpoints" / "step_5"])
+    check_ok(result)
+    after = losses(resumed)
+    assert sorted(after) == list(range(6, 10))
+    assert after == pytest.approx({k: v for k, v in losses(straight).items() if k > 5}, rel=1e-6, abs=1e-7)
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(np.allclose(a[k].float().numpy(), b[k].float().numpy(), atol=1e-6) for k in a)
+    if source == "folder":  # the broken file: one distinct image before and after the resume
+        assert [r["skipped_images"] for r in metrics(resumed) if "loss" in r][-1] == 1
+
+
+def test_a_corrupt_image_among_33_costs_one_image_over_30_passes(tmp_path):
+    """A bad file is read again every pass; the budget counts it once (1 of 33, under the default 1% of 100)."""
+    train = write_image_folder(tmp_path / "one" / "train", classes=("a", "b", "c"), per_class=8)
+    write_image_folder(train, classes=("d",), per_class=8, seed=1)  # a fourth class (colours stay in range)
+    (train / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 5)
+    out = tmp_path / "run"
+    # 33 unlabeled rows in batches of 8: 4 batches a pass, 124 steps = 31 passes
+    val = write_image_folder(tmp_path / "one" / "val", classes=("a", "b", "c", "d")[:3], per_class=2)
+    write_image_folder(val, classes=("d",), per_class=2, seed=1)
+    result = run_train(["--train_dir", train, "--validation_dir", val, "--num_labeled", "8", "--max_train_steps", "124",
+                        "--output_dir", out] + TINY + ["--logging_steps", "31", "--mu", "2",
+                        "--per_device_train_batch_size", "4"])
+    check_ok(result)
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert rows[-1]["unlabeled_seen"] == 124 * 8 and rows[-1]["skipped_images"] == 1
+    assert "error" not in result.stderr and "skipped 1 unreadable image(s) of 33 read" in result.stdout
+
+
+def test_bad_unlabeled_inputs_are_one_line_and_create_nothing(tmp_path, stl):
+    train = write_image_folder(tmp_path / "train", per_class=3)
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "readme.md").write_text("no images")
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    for i in range(10):
+        (unreadable / f"{i}.png").write_bytes(b"not a png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(unreadable / "ok.png")
+    no_image = tmp_path / "no_image"
+    no_image.mkdir()
+    from datasets import Dataset
+
+    Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]}).to_parquet(str(no_image / "train.parquet"))
+    no_split = write_stl_like(tmp_path / "stl_copy", unlabeled=0)
+    with_unlabeled_class = write_image_folder(tmp_path / "train_u", classes=("cat", "dog", "unlabeled"), per_class=2)
+    out = tmp_path / "out"
+    base = ["--output_dir", out] + TINY + ["--max_train_steps", "1"]
+    cases = [
+        (["--dataset_name", stl, "--unlabeled_split", "unlabelled"],
+         f"--unlabeled_split 'unlabelled': no split 'unlabelled' in --dataset_name '{stl}' (splits: "),
+        (["--dataset_name", stl, "--unlabeled_split", "train+extra"], "no split 'extra'"),
+        (["--train_dir", train, "--unlabeled_dir", tmp_path / "nowhere"], "--unlabeled_dir"),
+        (["--train_dir", train, "--unlabeled_dir", empty],
+         f"--unlabeled_dir '{empty}': no image files in it or below it (1 other file(s))"),
+        (["--train_dir", train, "--unlabeled_dir", unreadable], "of 11 images read could not be decoded"),
+        (["--dataset_name", stl, "--unlabeled_dataset_name", no_image],
+         f"unlabeled data {no_image} train: found no Image columns among text, label"),
+        (["--dataset_name", stl, "--unlabeled_split", "unlabeled", "--unlabeled_dir", empty],
+         "--unlabeled_split and --unlabeled_dir each name the unlabeled data: keep one"),
+        (["--train_dir", train, "--unlabeled_dir", empty, "--unlabeled_excludes_labeled"],
+         "--unlabeled_excludes_labeled: the unlabeled data cannot hold the labeled examples"),
+        (["--train_dir", with_unlabeled_class], "a class folder named 'unlabeled'; unlabeled images are not a class, "
+                                                "give them with --unlabeled_dir"),
+        (["--dataset_name", stl, "--unlabeled_dataset_name", tmp_path / "missing_ds"],
+         "--unlabeled_dataset_name"),
+        # the STL-10 preset on a copy without the unlabeled split (as tanganke/stl10 is)
+        (["--preset", "stl10-1000", "--dataset_name", no_split, "--num_labeled", "3"],
+         f"--unlabeled_split 'train+unlabeled': no split 'unlabeled' in --dataset_name '{no_split}' "
+         "(splits: train, test)"),
+    ]
+    results = run_refused([args + base for args, _ in cases], tmp_path)
+    for (args, message), result in zip(cases, results):
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr[-2000:])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("fixmatch-train: error:")]
+        assert len(errors) == 1 and message in errors[0], (message, result.stderr[-2000:])
+        assert not out.exists(), args
+    assert "(splits: train, test, unlabeled)" in results[0].stderr or "(splits: train, unlabeled, test)" in \
+        results[0].stderr or "splits: " in results[0].stderr
+
+
+def test_another_unlabeled_source_on_resume_is_refused_naming_both(tmp_path, stl):
+    out = tmp_path / "run"
+    args = ["--dataset_name", stl, "--output_dir", out] + TINY + ["--max_train_steps", "2",
+                                                                  "--checkpointing_steps", "2"]
+    check_ok(run_train(args + ["--unlabeled_split", "unlabeled"]))
+    [result] = run_refused([args + ["--max_train_steps", "4", "--unlabeled_split", "train+unlabeled",
+                                    "--resume_from_checkpoint", "latest"]], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert ("its run trained on unlabeled data from --unlabeled_split 'unlabeled', this run names --unlabeled_split "
+            "'train+unlabeled'") in result.stderr

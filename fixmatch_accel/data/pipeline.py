@@ -66,6 +66,8 @@ class BadImages:
         self.unreadable: Dict[Tuple[str, int], Tuple[int, str, str]] = {}  # (space, row) -> (row, name, reason)
         num_rows = data.unlabeled.num_rows if data.unlabeled is not None else data.num_train
         self.seen = torch.zeros(num_rows, dtype=torch.uint8, device=device)  # unlabeled rows found bad this window
+        if data.unlabeled is not None:  # the unlabeled source's set-up sample
+            self.read(*data.unlabeled.sampled, space="unlabeled")
 
     def _space(self, space: str) -> str:
         return "train" if space == "unlabeled" and self.same_space else space

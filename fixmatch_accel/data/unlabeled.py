@@ -15,8 +15,12 @@ import numpy as np
 
 from ..config import split_names
 from ..errors import UsageError
+from .images import stats_rows, unreadable_in_sample
+from .pipeline import check_bad_images
 from .sources import SplitData, check_image_column, load_labeled, load_named_dataset, local_path, pick_column
 from .streaming import count_pass, label_pass
+
+SAMPLE = 200  # unlabeled images decoded at set-up (more than MIN_READS, so the budget's fraction applies)
 
 
 @dataclass
@@ -30,6 +34,8 @@ class Source:
     labels: np.ndarray  # the true class of each row (statistics only), -1 where it has none
     shard_sizes: Optional[List[int]] = None  # streaming: rows in each shard
     other_files: int = 0  # a folder: files that are not images, left out
+    # Rows decoded at set-up to stop early on a source of mostly unreadable files: (rows, [(row, name, reason)]).
+    sampled: Tuple[List[int], List] = ((), ())
 
     @property
     def num_rows(self) -> int:
@@ -62,7 +68,19 @@ def load_data(cfg, show_progress: bool = False) -> SplitData:
     """The labeled and eval splits (sources.load_labeled) and the unlabeled source."""
     data = load_labeled(cfg, show_progress)
     data.unlabeled = unlabeled_source(cfg, data, show_progress)
+    if data.unlabeled.kind != "train" and not data.unlabeled.streaming:
+        data.unlabeled.sampled = check_sample(cfg, data.unlabeled)
     return data
+
+
+def check_sample(cfg, source: Source):
+    """Decode a seeded sample of a source of its own at set-up, before anything is written: a folder of mostly
+    unreadable files stops here in one line, as labeled data does, not at the first logging step."""
+    rows = stats_rows(source.num_rows, cfg.seed, max_images=SAMPLE)
+    bad = unreadable_in_sample(source.dataset, source.image_column, rows)
+    if bad:
+        check_bad_images(len(bad), len(rows), f"{bad[0][1]}: {bad[0][2]}", cfg.max_bad_image_fraction)
+    return rows, bad
 
 
 def unlabeled_source(cfg, data: SplitData, show_progress: bool = False) -> Source:
