@@ -58,7 +58,9 @@ def make_folder(root: Path, n: int) -> None:
 def measure(kind: str, path: Path, cache: str) -> dict:
     env = dict(os.environ, HF_DATASETS_CACHE=cache, HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, "-c", MEASURE, kind, str(path)], capture_output=True, text=True,
-                         env=env, cwd=ROOT, check=True)
+                         env=env, cwd=ROOT)
+    if out.returncode:  # say why, rather than a bare CalledProcessError
+        raise SystemExit(f"{kind} on {path} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
