@@ -23,6 +23,7 @@ BASE_KEYS = {
     "num_unlabeled",
     "mask_per_class",
     "pseudo_label_correct",
+    "pseudo_label_known",
     "pseudo_label_acc",
 }
 LOGITS_X = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
@@ -222,7 +223,8 @@ def test_freematch_self_adaptive_fairness_loss_eq12():
     assert loss_f.item() == approx(expected)
 
     total, stats = freematch.loss(FREE_X, torch.tensor([0, 1]), FREE_PROBS, logits_u_s, FREE_STATE, lambda_u=1.0)
-    assert set(stats) == (BASE_KEYS - {"pseudo_label_correct", "pseudo_label_acc"}) | {"threshold_per_class", "loss_f"}
+    truth = {"pseudo_label_correct", "pseudo_label_known", "pseudo_label_acc"}
+    assert set(stats) == (BASE_KEYS - truth) | {"threshold_per_class", "loss_f"}
     assert stats["threshold_per_class"].tolist() == approx([0.8, 0.4])
     assert stats["mask_per_class"].tolist() == [1.0, 1.0]
     assert stats["loss_f"].item() == approx(expected)
