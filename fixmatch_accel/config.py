@@ -393,7 +393,8 @@ def pretrained_defaults_note(cfg: TrainConfig, sources: Dict[str, str]) -> Optio
 # data under --preset cifar10-40) replaces the lower layers' dataset with its config name, columns and splits,
 # which would not fit it.
 DATA_SOURCE = ("dataset_name", "dataset_config_name", "train_dir", "validation_dir", "image_column_name",
-               "label_column_name", "train_split", "eval_split")
+               "label_column_name", "train_split", "eval_split", "unlabeled_split", "unlabeled_dataset_name",
+               "unlabeled_dataset_config_name", "unlabeled_image_column_name", "unlabeled_dir")
 
 
 def _own_data_source(layers: List[Tuple[str, Dict[str, Any]]]) -> List[Tuple[str, Dict[str, Any]]]:

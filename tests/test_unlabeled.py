@@ -267,8 +267,8 @@ def test_bad_unlabeled_inputs_are_one_line_and_create_nothing(tmp_path, stl):
                                                 "give them with --unlabeled_dir"),
         (["--dataset_name", stl, "--unlabeled_dataset_name", tmp_path / "missing_ds"],
          "--unlabeled_dataset_name"),
-        # the STL-10 preset on a copy without the unlabeled split (as tanganke/stl10 is)
-        (["--preset", "stl10-1000", "--dataset_name", no_split, "--num_labeled", "3"],
+        # the STL-10 setting on a copy without the unlabeled split (as tanganke/stl10 is)
+        (["--dataset_name", no_split, "--unlabeled_split", "train+unlabeled", "--num_labeled", "3"],
          f"--unlabeled_split 'train+unlabeled': no split 'unlabeled' in --dataset_name '{no_split}' "
          "(splits: train, test)"),
     ]
