@@ -389,6 +389,31 @@ def pretrained_defaults_note(cfg: TrainConfig, sources: Dict[str, str]) -> Optio
     return f"note: pretrained weights, so fine-tuning defaults: {', '.join(taken)} (a flag, preset or config file overrides them)"
 
 
+def _unread(cfg) -> Dict[str, str]:
+    """The settings that only some runs read, each that this run does not read with the reason."""
+    algorithm = registry.get(cfg.algorithm)
+    by_algorithm = f"--algorithm {cfg.algorithm} does not read it"
+    unread = {s.name: by_algorithm for s in registry.all_settings() if s not in algorithm.own_settings}
+    if "threshold" not in algorithm.uses:
+        unread["threshold"] = by_algorithm
+    if "stats_momentum" not in algorithm.uses and cfg.dist_align == "none":
+        unread["stats_momentum"] = f"{by_algorithm}, nor --dist_align none"
+    if not cfg.streaming:
+        unread["shuffle_buffer_size"] = "only with --streaming"
+    if not cfg.compile:
+        unread["compile_mode"] = "only with --compile"
+    return unread
+
+
+def unused_settings_note(cfg, sources: Dict[str, str]) -> Optional[str]:
+    """One line naming the settings given by a flag or --config file that this run does not read, or None.
+
+    A preset's are left out: presets set the paper's values for every algorithm."""
+    given = [f"--{name} ({why})" for name, why in _unread(cfg).items()
+             if sources.get(name, "default") == "flag" or sources.get(name, "").startswith("file:")]
+    return f"note: no effect in this run: {', '.join(given)}" if given else None
+
+
 # What names a run's data, taken from one layer as a whole: a dataset or folder named by a higher layer (your own
 # data under --preset cifar10-40) replaces the lower layers' dataset with its config name, columns and splits,
 # which would not fit it.

@@ -7,7 +7,14 @@ from typing import Dict, List, NamedTuple, Optional
 
 from . import augment
 from .checkpoint import check_output_dir, reconcile_resume, resolve_resume, saved_settings, saved_step
-from .config import UNLABELED_SOURCE_FLAGS, TrainConfig, optimizer_lr_note, pretrained_defaults_note, unlabeled_flags
+from .config import (
+    UNLABELED_SOURCE_FLAGS,
+    TrainConfig,
+    optimizer_lr_note,
+    pretrained_defaults_note,
+    unlabeled_flags,
+    unused_settings_note,
+)
 from .errors import UsageError
 
 
@@ -23,7 +30,7 @@ class Start(NamedTuple):
 def check_start(cfg: TrainConfig, sources: Dict[str, str]) -> Start:
     """What can be refused before any data is read; a resumed run takes its checkpoint's settings and split."""
     notes = [strong_augment_note(cfg.strong_augment), pretrained_defaults_note(cfg, sources),
-             optimizer_lr_note(cfg, sources)]
+             optimizer_lr_note(cfg, sources), unused_settings_note(cfg, sources)]
     resume_path = resolve_resume(cfg)
     if cfg.resume_from_checkpoint == "auto":
         notes.append(f"--resume_from_checkpoint auto: resuming from {resume_path}" if resume_path else
