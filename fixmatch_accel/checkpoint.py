@@ -33,7 +33,8 @@ class TrainState:
     def __init__(self):
         self.step = 0
         self.skipped = 0  # non-finite steps skipped with --skip_nonfinite_steps
-        self.bad_images = 0  # unreadable images the training loaders replaced
+        self.bad_images = 0  # unreadable images the training loaders replaced (every read)
+        self.bad_rows: List[int] = []  # the distinct unlabeled rows among them (the bad-image budget counts these)
         self.labeled_seen = 0  # images drawn, over all processes (true across a change of world size)
         self.unlabeled_seen = 0
         self.positions: Dict[str, List[int]] = {}  # each loader's [pass, batches done in it], kept by data.endless
@@ -43,7 +44,7 @@ class TrainState:
         self.restarts: List[Dict] = []  # each restart by torchrun's agent: count, step resumed from, steps lost, when
 
     def state_dict(self) -> Dict:
-        return {"step": self.step, "skipped": self.skipped, "bad_images": self.bad_images,
+        return {"step": self.step, "skipped": self.skipped, "bad_images": self.bad_images, "bad_rows": self.bad_rows,
                 "labeled_seen": self.labeled_seen, "unlabeled_seen": self.unlabeled_seen,
                 "positions": self.positions, "layout": self.layout, "settings": self.settings,
                 "restarts": self.restarts}
@@ -53,6 +54,7 @@ class TrainState:
         self.step = int(saved["step"])
         self.skipped = int(saved.get("skipped", 0))
         self.bad_images = int(saved.get("bad_images", 0))
+        self.bad_rows = [int(r) for r in saved.get("bad_rows", [])]
         self.saved_layout = layout = saved.get("layout", {})
         # Checkpoints written before these counters: every step drew B (and mu*B) images on each process.
         B, mu = (self.settings.get(k) for k in ("per_device_train_batch_size", "mu"))
@@ -399,7 +401,9 @@ class Checkpointer:
 # its data positions count in.
 FIXED_ON_RESUME = ("algorithm", "dist_align", "model", "dataset_name", "dataset_config_name", "train_dir",
                    "validation_dir", "train_split", "train_val_split", "image_column_name", "label_column_name",
-                   "max_train_samples", "image_size", "streaming", "unlabeled_excludes_labeled",
+                   "max_train_samples", "image_size", "streaming", "unlabeled_excludes_labeled", "unlabeled_split",
+                   "unlabeled_dataset_name", "unlabeled_dataset_config_name", "unlabeled_image_column_name",
+                   "unlabeled_dir",
                    "per_device_train_batch_size", "mu")
 # Kept from the checkpoint, with a note: its optimizer and schedule state hold these, and the seed drew its
 # statistics sample, data order and augmentation streams.

@@ -14,7 +14,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import yaml
 
@@ -34,6 +34,18 @@ def builtin_without_weights(model: str) -> str:
             "finished run's model.safetensors with --pretrained_file PATH, or pick a timm model")
 
 
+def labeled_count(value) -> Union[int, str]:
+    """--num_labeled: a count, or 'all' (every row with a class)."""
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return "all"
+    if isinstance(value, bool):
+        raise ValueError(value)
+    return int(value)
+
+
+labeled_count.__name__ = "a count or 'all'"  # what argparse names in its error
+
+
 def _f(default, help: str, **kw):
     return field(default=default, metadata=dict(help=help, **kw))
 
@@ -49,18 +61,23 @@ class SharedConfig:
     validation_dir: Optional[str] = _f(None, "Image folder for evaluation, one subfolder per class.")
     image_column_name: Optional[str] = _f(None, "Image column; default: the one column of feature type Image.")
     label_column_name: Optional[str] = _f(None, "Label column; default: the one column of feature type ClassLabel, else a column named 'label' or 'labels' (integers or strings).")
-    train_split: str = _f("train", "Split holding the labeled pool and the unlabeled data.")
+    train_split: str = _f("train", "Split holding the labeled pool (and the unlabeled data, unless an --unlabeled_* flag names another source).")
     eval_split: Optional[str] = _f(None, "Evaluation split; default: 'validation', else 'test', else --train_val_split of the train split held out.")
     train_val_split: float = _f(0.15, "Fraction of the train split held out for evaluation (seeded by --seed, stratified by class, never trained on); only when the data has no 'validation' or 'test' split and --eval_split is not given.")
     max_train_samples: Optional[int] = _f(None, "Use only the first N rows of the train split (for debugging).")
     max_eval_samples: Optional[int] = _f(None, "Use only the first N rows of the eval split (for debugging).")
-    num_labeled: int = _f(4000, "Total labeled examples, class-balanced (num_labeled / num_classes per class).")
+    num_labeled: Union[int, str] = _f(4000, "Total labeled examples, class-balanced (num_labeled / num_classes per class); 'all': every row with a class, unbalanced as it is. Default 'all' when the unlabeled data has its own source.", parse=labeled_count)
     labeled_split_file: Optional[str] = _f(None, "Reuse the labeled indices of a saved labeled_split.json instead of drawing them.")
     image_size: Optional[int] = _f(None, "Square side in pixels: every image's shorter side is resized to it and the centre square kept; default: the model's input size with pretrained weights, else the dataset's size when a sample of its images all have one size and the model's input size (timm's pretrained_cfg; 32 for wrn28_*, 96 for wrn37_2) is not smaller, else the model's input size (32 when unknown).")
     dataloader_num_workers: int = _f(4, "DataLoader worker processes per training process (capped by the CPU count).")
     streaming: bool = _f(False, "Read the train and eval splits as streams (datasets' streaming=True): the labeled examples are kept in memory, the unlabeled data is read piece by piece and never held whole.")
     shuffle_buffer_size: int = _f(2000, "With --streaming: examples in each DataLoader worker's shuffle buffer (raw bytes in memory).")
-    unlabeled_excludes_labeled: bool = _f(False, "Leave the labeled examples out of the unlabeled data (the paper keeps them in).")
+    unlabeled_split: Optional[str] = _f(None, "The unlabeled data is this split of the labeled dataset, in datasets' split syntax: 'unlabeled', 'train+unlabeled' (STL-10's paper setting); default: the train split.")
+    unlabeled_dataset_name: Optional[str] = _f(None, "The unlabeled data is (the train split of) this hub id or local dataset folder; any labels it has are never trained on.")
+    unlabeled_dataset_config_name: Optional[str] = _f(None, "Configuration name of --unlabeled_dataset_name.")
+    unlabeled_image_column_name: Optional[str] = _f(None, "Image column of the unlabeled data; default: --image_column_name's column when it has one, else its one column of feature type Image.")
+    unlabeled_dir: Optional[str] = _f(None, "The unlabeled data is every image file under this folder, at any depth (no class folders needed; other files are ignored).")
+    unlabeled_excludes_labeled: bool = _f(False, "Leave the labeled examples out of the unlabeled data (the paper keeps them in); only where the unlabeled data holds them (the train split, or a split expression that starts with it).")
     max_bad_image_fraction: float = _f(0.01, "Unreadable images are skipped and counted; the run stops when more than this fraction of the images read were bad.")
 
     # Model
@@ -188,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
         if is_bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(f"--{f.name}", type=tp, choices=f.metadata.get("choices"), help=help_text)
+            parser.add_argument(f"--{f.name}", type=f.metadata.get("parse", tp), choices=f.metadata.get("choices"),
+                                help=help_text)
     return parser
 
 
@@ -251,6 +269,11 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
         if isinstance(value, bool):
             return value
         raise bad("true or false")
+    if "parse" in f.metadata:  # a field with a parser of its own (--num_labeled: a count or 'all')
+        try:
+            return f.metadata["parse"](value)
+        except (TypeError, ValueError):
+            raise bad(f.metadata["parse"].__name__) from None
     if isinstance(value, bool):  # YAML reads unquoted yes/no/on/off as booleans
         raise bad(f"a {tp.__name__}", " (quote it: YAML reads unquoted yes/no/on/off as booleans)")
     if tp is str and isinstance(value, (str, int)):
@@ -367,11 +390,37 @@ def pretrained_defaults_note(cfg: TrainConfig, sources: Dict[str, str]) -> Optio
     return f"note: pretrained weights, so fine-tuning defaults: {', '.join(taken)} (a flag, preset or config file overrides them)"
 
 
+def _unread(cfg) -> Dict[str, str]:
+    """The settings that only some runs read, each that this run does not read with the reason."""
+    algorithm = registry.get(cfg.algorithm)
+    by_algorithm = f"--algorithm {cfg.algorithm} does not read it"
+    unread = {s.name: by_algorithm for s in registry.all_settings() if s not in algorithm.own_settings}
+    if "threshold" not in algorithm.uses:
+        unread["threshold"] = by_algorithm
+    if "stats_momentum" not in algorithm.uses and cfg.dist_align == "none":
+        unread["stats_momentum"] = f"{by_algorithm}, nor --dist_align none"
+    if not cfg.streaming:
+        unread["shuffle_buffer_size"] = "only with --streaming"
+    if not cfg.compile:
+        unread["compile_mode"] = "only with --compile"
+    return unread
+
+
+def unused_settings_note(cfg, sources: Dict[str, str]) -> Optional[str]:
+    """One line naming the settings given by a flag or --config file that this run does not read, or None.
+
+    A preset's are left out: presets set the paper's values for every algorithm."""
+    given = [f"--{name} ({why})" for name, why in _unread(cfg).items()
+             if sources.get(name, "default") == "flag" or sources.get(name, "").startswith("file:")]
+    return f"note: no effect in this run: {', '.join(given)}" if given else None
+
+
 # What names a run's data, taken from one layer as a whole: a dataset or folder named by a higher layer (your own
 # data under --preset cifar10-40) replaces the lower layers' dataset with its config name, columns and splits,
 # which would not fit it.
 DATA_SOURCE = ("dataset_name", "dataset_config_name", "train_dir", "validation_dir", "image_column_name",
-               "label_column_name", "train_split", "eval_split")
+               "label_column_name", "train_split", "eval_split", "unlabeled_split", "unlabeled_dataset_name",
+               "unlabeled_dataset_config_name", "unlabeled_image_column_name", "unlabeled_dir")
 
 
 def _own_data_source(layers: List[Tuple[str, Dict[str, Any]]]) -> List[Tuple[str, Dict[str, Any]]]:
@@ -448,6 +497,9 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[TrainConfig, Dict[str,
         values["hflip"], sources["hflip"] = False, "digits"  # a mirrored digit is another symbol, however named
     if values["pretrained_file"] is not None and not values["pretrained"]:  # a file of weights is a pretrained run
         values["pretrained"], sources["pretrained"] = True, "pretrained_file"
+    if unlabeled_flags(values) and sources["num_labeled"] == "default":
+        # The labeled data is what the user labeled, every row of it; a balanced draw only when asked for.
+        values["num_labeled"], sources["num_labeled"] = "all", "unlabeled_source"
     if values["pretrained"] or values["pretrained_file"] is not None:
         _apply_pretrained_defaults(values, sources)
     _apply_optimizer_lr(values, sources)
@@ -473,7 +525,9 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--seed must be in [0, 2**32), got {cfg.seed}")
     if not cfg.output_dir:
         raise UsageError("--output_dir must name a folder, got ''")
-    positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "mu", "max_train_steps", "logging_steps", "num_labeled", "ddp_timeout", "gradient_accumulation_steps"]
+    positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "mu", "max_train_steps", "logging_steps", "ddp_timeout", "gradient_accumulation_steps"]
+    if cfg.num_labeled != "all":
+        positive.append("num_labeled")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
@@ -506,6 +560,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("give either --dataset_name or --train_dir, not both")
     if cfg.validation_dir is not None and cfg.train_dir is None:
         raise UsageError("--validation_dir needs --train_dir")
+    check_unlabeled_flags(cfg)
     if cfg.shuffle_buffer_size < 1:
         raise UsageError(f"--shuffle_buffer_size must be at least 1, got {cfg.shuffle_buffer_size}")
     if not 0.0 <= cfg.max_bad_image_fraction <= 1.0:
@@ -528,6 +583,47 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--image_size must be at least 4, got {cfg.image_size}")
     if cfg.pretrained and cfg.pretrained_file is None and cfg.model in BUILTIN_MODEL_NAMES:
         raise UsageError(builtin_without_weights(cfg.model))
+
+
+# The flags that give the unlabeled data a source of its own, one at a time.
+UNLABELED_SOURCE_FLAGS = ("unlabeled_split", "unlabeled_dataset_name", "unlabeled_dir")
+
+
+def unlabeled_flags(values: Dict[str, Any]) -> List[str]:
+    """The unlabeled-source flags set (a dict of settings): empty when the unlabeled data is the train split."""
+    return [name for name in UNLABELED_SOURCE_FLAGS if values.get(name) is not None]
+
+
+def split_names(expr: str) -> List[str]:
+    """The split names of a datasets split expression: 'train[:10%]+unlabeled' -> ['train', 'unlabeled']."""
+    return [re.split(r"\[", part, maxsplit=1)[0].strip() for part in expr.split("+")]
+
+
+def check_unlabeled_flags(cfg: TrainConfig) -> None:
+    given = unlabeled_flags(cfg.to_dict())
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join('--' + g for g in given)} each name the unlabeled data: keep one")
+    for name, needs in (("unlabeled_dataset_config_name", "unlabeled_dataset_name"),
+                        ("unlabeled_image_column_name", None)):
+        if getattr(cfg, name) is not None and (needs and getattr(cfg, needs) is None or not given):
+            raise UsageError(f"--{name} needs --{needs or 'unlabeled_split, --unlabeled_dataset_name or --unlabeled_dir'}")
+    if cfg.unlabeled_dir is not None and cfg.unlabeled_image_column_name is not None:
+        raise UsageError("--unlabeled_image_column_name does not apply to --unlabeled_dir (a folder of image files)")
+    if cfg.unlabeled_split is not None:
+        if not cfg.unlabeled_split.strip() or any(not n for n in split_names(cfg.unlabeled_split)):
+            raise UsageError(f"--unlabeled_split {cfg.unlabeled_split!r}: not a split expression "
+                             "(e.g. 'unlabeled' or 'train+unlabeled')")
+        if cfg.train_dir is not None:
+            raise UsageError("--unlabeled_split names a split of --dataset_name; with --train_dir give the unlabeled "
+                             "images as --unlabeled_dir")
+    if cfg.unlabeled_excludes_labeled and given:
+        holds = (cfg.unlabeled_split is not None
+                 and split_names(cfg.unlabeled_split)[0] == cfg.train_split and "[" not in cfg.unlabeled_split)
+        if not holds:
+            where = (f"--unlabeled_split {cfg.unlabeled_split!r} does not start with --train_split {cfg.train_split!r}"
+                     if cfg.unlabeled_split is not None else f"--{given[0]} is a source of its own")
+            raise UsageError(f"--unlabeled_excludes_labeled: the unlabeled data cannot hold the labeled examples "
+                             f"({where}); leave the flag out")
 
 
 # Decoded train splits under this size are kept in memory by default (--cache_decoded).

@@ -234,8 +234,8 @@ def _pseudo_label_panel(ax, train_rows: List[Dict]) -> None:
     ax.set_ylim(-2, 102)
     if not _line(ax, train_rows, "pseudo_label_acc", scale=100.0, color="tab:green"):
         _empty(ax, "no training rows yet")
-    elif all(r.get("pseudo_label_acc") is None for r in train_rows):  # null: no confident image in the window
-        _empty(ax, "no image has passed the threshold yet")
+    elif all(r.get("pseudo_label_acc") is None for r in train_rows):  # null: no confident image of known class
+        _empty(ax, "no confident image with a known class yet\n(unlabeled images without labels have none)")
 
 
 def _accuracy_panel(ax, eval_rows: List[Dict], config: Dict) -> None:

@@ -14,7 +14,14 @@ from .checkpoint import (
     saved_settings,
     saved_step,
 )
-from .config import TrainConfig, optimizer_lr_note, pretrained_defaults_note
+from .config import (
+    UNLABELED_SOURCE_FLAGS,
+    TrainConfig,
+    optimizer_lr_note,
+    pretrained_defaults_note,
+    unlabeled_flags,
+    unused_settings_note,
+)
 from .errors import UsageError
 
 
@@ -30,7 +37,7 @@ class Start(NamedTuple):
 def check_start(cfg: TrainConfig, sources: Dict[str, str]) -> Start:
     """What can be refused before any data is read; a resumed run takes its checkpoint's settings and split."""
     notes = [strong_augment_note(cfg.strong_augment), pretrained_defaults_note(cfg, sources),
-             optimizer_lr_note(cfg, sources)]
+             optimizer_lr_note(cfg, sources), unused_settings_note(cfg, sources)]
     resume_path = resolve_resume(cfg)
     replacing = check_output_dir(cfg, resume_path)
     if cfg.resume_from_checkpoint in ("auto", "latest"):
@@ -48,6 +55,7 @@ def check_start(cfg: TrainConfig, sources: Dict[str, str]) -> Start:
     if resume_path is not None:
         at, saved = saved_step(resume_path), saved_settings(resume_path)
         if saved is not None:
+            check_same_unlabeled_source(cfg, sources, resume_path, saved)
             cfg, sources, changed = reconcile_resume(cfg, sources, resume_path, saved, at)
             notes += changed
         if at > cfg.max_train_steps:
@@ -63,6 +71,26 @@ def check_start(cfg: TrainConfig, sources: Dict[str, str]) -> Start:
         sources = dict(sources, labeled_split_file="checkpoint")
     split_from_checkpoint = bool(saved_split) and cfg.labeled_split_file == saved_split
     return Start(cfg, sources, resume_path, replacing, split_from_checkpoint, [n for n in notes if n])
+
+
+def _unlabeled_source(settings: Dict) -> str:
+    given = unlabeled_flags(settings)
+    return f"--{given[0]} {settings[given[0]]!r}" if given else f"the train split ({settings.get('train_split')!r})"
+
+
+def check_same_unlabeled_source(cfg: TrainConfig, sources: Dict[str, str], path: str, saved: Dict) -> None:
+    """A resumed run keeps its unlabeled data: its rows are what the data positions and per-example state count.
+
+    Refused when a source is named now that is not the checkpoint's (naming both); with none named,
+    the checkpoint's is kept (reconcile_resume takes unset settings from it).
+    """
+    now = cfg.to_dict()
+    named_now = any(sources.get(name, "flag") not in ("default", "demo") for name in UNLABELED_SOURCE_FLAGS)
+    if named_now and _unlabeled_source(now) != _unlabeled_source(saved):
+        raise UsageError(f"--resume_from_checkpoint {path!r}: its run trained on unlabeled data from "
+                         f"{_unlabeled_source(saved)}, this run names {_unlabeled_source(now)}; a resumed run keeps "
+                         "its unlabeled data (resume without naming another, or start a new run in another "
+                         "--output_dir)")
 
 
 def strong_augment_note(config: str) -> str:

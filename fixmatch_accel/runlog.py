@@ -29,7 +29,7 @@ TRACKER_PACKAGES = dict(tensorboard="tensorboard (or tensorboardX)", wandb="wand
 # Statistics a row reports as their total over the window and all processes; every other one a step reports is
 # averaged over the steps that reported it and all processes. mask_ratio and pseudo_label_acc are derived from the
 # totals (a ratio of sums, not a mean of per-step ratios), so the steps' own values are not collected.
-TOTALS = ("mask_count", "num_unlabeled", "pseudo_label_correct", "mask_per_class", "bad_images")
+TOTALS = ("mask_count", "num_unlabeled", "pseudo_label_correct", "pseudo_label_known", "mask_per_class", "bad_images")
 DERIVED = ("mask_ratio", "pseudo_label_acc")
 
 
@@ -101,7 +101,7 @@ def write_run_config(cfg, sources: Dict[str, str], accelerator, *, data, resolve
                       cache_decoded=resolved.cache_decoded, channels_last=resolved.channels_last,
                       eval_split=data.eval_split, image_column=data.image_column, label_column=data.label_column,
                       num_train=data.num_train, num_eval=len(data.eval_labels), num_labeled=num_labeled,
-                      streaming=data.streaming),
+                      streaming=data.streaming, unlabeled=data.unlabeled.record()),
         world_size=world,
         num_machines=num_machines(world),
         # per optimizer step: B and mu*B on every process, --gradient_accumulation_steps times
@@ -197,10 +197,11 @@ class Window:
                 n = self.counts.get(k, 0) * accelerator.num_processes
                 values = [v / n for v in values] if n else [None] * size
                 row[k] = values if self.sums[k].dim() else values[0]
-        masked, unlabeled, correct = (row.pop(k, 0.0) for k in ("mask_count", "num_unlabeled",
-                                                                "pseudo_label_correct"))
+        masked, unlabeled, correct, known = (row.pop(k, 0.0) for k in ("mask_count", "num_unlabeled",
+                                                                       "pseudo_label_correct", "pseudo_label_known"))
         row["mask_ratio"] = masked / max(unlabeled, 1.0)
-        row["pseudo_label_acc"] = correct / masked if masked else None  # no confident image: no accuracy
+        # over the confident images whose true class is known; none in the window: no accuracy
+        row["pseudo_label_acc"] = correct / known if known else None
         row["mask_per_class"] = [int(c) for c in row.get("mask_per_class", [])]
         row["bad_images"] = int(row["bad_images"])
         return row
@@ -240,6 +241,7 @@ class RunLog:
     def add(self, stats: Optional[Dict[str, torch.Tensor]], rows: torch.Tensor) -> None:
         """One (micro-)batch's statistics (None: skipped); they stay on the device until a logging step."""
         self.window.add(stats, rows)
+        self.bad_images.note(rows)
         self.state.labeled_seen += self.labeled_per_step
         self.state.unlabeled_seen += self.unlabeled_per_step
         if stats is None:
@@ -264,11 +266,11 @@ class RunLog:
         if summary["bad_images"]:
             self.state.bad_images += summary["bad_images"]
             bad_row = int(self.accelerator.gather(self.window.sums["bad_row"].view(1)).max())
-            self.bad_images.check_training(self.state.bad_images, bad_row, step * self.images_per_step)
+            self.bad_images.check_training(self.state, bad_row, self.accelerator)
         elapsed = time.perf_counter() - self.window_start - self.paused_s
         row = dict(step=step, lr=lr, images_per_s=self.images_per_step * self.window.steps / max(elapsed, 1e-9),
                    labeled_seen=self.state.labeled_seen, unlabeled_seen=self.state.unlabeled_seen,
-                   skipped_steps=self.state.skipped, skipped_images=self.bad_images.total(self.state.bad_images),
+                   skipped_steps=self.state.skipped, skipped_images=self.bad_images.total(self.state),
                    **{k: v for k, v in summary.items() if k != "bad_images"})
         self.metrics.write(row)
         self._show(row)

@@ -58,7 +58,7 @@ class RunData:
     std: list
     bad_images: BadImages
     num_bad_eval: int  # unreadable eval images the decoded cache left out
-    loaders: tuple
+    loaders: dict  # by name: labeled, unlabeled, eval
 
 
 @dataclasses.dataclass
@@ -188,7 +188,7 @@ def finish(run: Run) -> Dict:
     # (finished) EMA model moves to the host first.
     accelerator.save_model(run.ema.module.cpu() if is_xla(accelerator.device) else run.ema.module, cfg.output_dir)
     run.log.finish(state.step)
-    skipped_train = run.rd.bad_images.total(state.bad_images)
+    skipped_train = run.rd.bad_images.total(state)
     if accelerator.is_main_process:
         write_json(os.path.join(cfg.output_dir, "eval_results.json"),
                    dict(result, step=state.step, eval_split=data.eval_split,
@@ -231,7 +231,7 @@ def setup_run(start: Start) -> Run:
     ema.module.to(accelerator.device)  # the EMA copy is never prepared: it is evaluated and saved as it is
     state = TrainState()
     state.settings = cfg.to_dict()
-    state.layout = dict(processes=accelerator.num_processes,
+    state.layout = dict(processes=accelerator.num_processes, unlabeled_rows=rd.data.unlabeled.num_rows,
                         **({"workers": num_workers(cfg)} if rd.data.streaming else {}))
     # XLA has no torch.Generator: draw the (small) augmentation parameters on the host, the same numbers as a
     # CPU run, and copy them to the device with the batch; the pixel work stays on the device.
@@ -268,7 +268,7 @@ def setup_run(start: Start) -> Run:
                                                          accelerator.mixed_precision))  # an error to raise
     if restarts:
         log.restarted(restarts, max_restarts, resuming, last_logged)
-    labeled_loader, unlabeled_loader, eval_loader = loaders
+    eval_loader = loaders["eval"]
     evaluator = Evaluator(
         accelerator, cfg, ema, eval_loader,
         lambda images: model_inputs(resize(images) if resize else images, mean, std,
@@ -277,8 +277,8 @@ def setup_run(start: Start) -> Run:
         skipped_before=rd.num_bad_eval, log=log, show_progress=log.show_bar)
     return Run(cfg=cfg, accelerator=accelerator, rd=rd, model=model, live_model=live_model, optimizer=optimizer,
                scheduler=scheduler, ema=ema, state=state, objective=objective, train_step=train_step,
-               labeled=endless(labeled_loader, "labeled", state.positions, accelerator),
-               unlabeled=endless(unlabeled_loader, "unlabeled", state.positions, accelerator),
+               labeled=endless(loaders["labeled"], "labeled", state.positions, accelerator),
+               unlabeled=endless(loaders["unlabeled"], "unlabeled", state.positions, accelerator),
                log=log, evaluator=evaluator, checkpointer=checkpointer)
 
 
@@ -293,6 +293,8 @@ def setup_data(cfg: TrainConfig, sources: Dict[str, str], accelerator, split_che
         data = load_data(cfg, show_progress=show_progress)
     for note in data.notes:  # e.g. a held-out split carved from train, or evaluating on the train split
         accelerator.print(f"note: {note}")
+    if data.unlabeled.kind != "train" or data.unlabeled.num_with_label < data.unlabeled.num_rows:
+        accelerator.print(data.unlabeled.describe())
     split_source = (f"--resume_from_checkpoint {split_checkpoint!r}: its labeled_split.json"
                     if split_checkpoint else None)
     labeled_idx, labeled_rows, bad_labeled = labeled_examples(cfg, data, labeled_split(cfg, data, split_source))
@@ -315,24 +317,25 @@ def setup_data(cfg: TrainConfig, sources: Dict[str, str], accelerator, split_che
     sizes = functools.cache(lambda: image_sizes(stats_source, data.image_column, rows))
     model_data = pretrained_preprocessing(cfg.model) if cfg.pretrained or cfg.pretrained_file else None
     uniform = functools.cache(lambda: default_image_size(sizes()) if len(sizes()) == 1 else None)
-    resolved = resolve(cfg, device_type=accelerator.device.type, num_train=data.num_train, streaming=data.streaming,
-                       dataset_image_size=uniform, model_data=model_data, dataset_native_size=uniform,
-                       model_size=model_input_side(cfg.model))
+    # num_train decides whether the decoded cache fits: the unlabeled source is the bulk of it.
+    resolved = resolve(cfg, device_type=accelerator.device.type, num_train=data.unlabeled.num_rows,
+                       streaming=data.streaming, dataset_image_size=uniform, model_data=model_data,
+                       dataset_native_size=uniform, model_size=model_input_side(cfg.model))
     accelerator.print(f"images: {resolved.image_size} px ({resolved.size_reason})")
     if model_data is None:
         mean, std, bad_sampled = sampled_channel_stats(stats_source, data.image_column, resolved.load_size, rows)
     else:  # the statistics the pretrained weights were trained with; the sample is only checked for bad images
         mean, std = model_data["mean"], model_data["std"]
         bad_sampled = unreadable_in_sample(stats_source, data.image_column, rows)
-    bad_images = BadImages(cfg, data, accelerator.print)  # only training reads count towards the budget
+    bad_images = BadImages(cfg, data, accelerator.print, accelerator.device)  # only training reads count
     bad_images.read(labeled_idx, bad_labeled)
     if not data.streaming:  # a stream's sample is its (readable) labeled examples
         bad_images.read(rows, bad_sampled)
     cache, bad_eval = None, []  # (row, file) of each unreadable eval image the cache leaves out
     if resolved.cache_decoded:
-        cache, bad_train, bad_eval, decoded = decode_cache(cfg, data, resolved.load_size, show_progress,
-                                                           resolved.interpolation)
-        bad_images.read(range(decoded), bad_train)
+        cache, bad_unlabeled, bad_eval, decoded = decode_cache(cfg, data, labeled_rows, resolved.load_size,
+                                                               show_progress, resolved.interpolation)
+        bad_images.read(range(decoded), bad_unlabeled, space="unlabeled")
         if bad_eval:
             accelerator.print(f"evaluation leaves out {len(bad_eval)} unreadable image(s), e.g. {bad_eval[0][1]}")
     how = f"left out of {cfg.labeled_split_file}" if cfg.labeled_split_file else "redrawn within their class"
@@ -344,11 +347,12 @@ def setup_data(cfg: TrainConfig, sources: Dict[str, str], accelerator, split_che
 
 
 def setup_objective(cfg: TrainConfig, rd: RunData, accelerator):
-    """The algorithm of --algorithm / --dist_align; its per-example state is indexed by train rows."""
+    """The algorithm of --algorithm / --dist_align; its per-example state is indexed by the unlabeled source's rows."""
     data = rd.data
     excluded = len(rd.labeled_idx) if cfg.unlabeled_excludes_labeled else 0
-    return build_objective(cfg, data.num_classes, data.train_labels[rd.labeled_idx], num_slots=data.num_train,
-                           num_unlabeled=data.num_train - excluded, collectives=step_collectives(accelerator))
+    num_rows = data.unlabeled.num_rows
+    return build_objective(cfg, data.num_classes, data.train_labels[rd.labeled_idx], num_slots=num_rows,
+                           num_unlabeled=num_rows - excluded, collectives=step_collectives(accelerator))
 
 
 def setup_model(cfg: TrainConfig, accelerator, rd: RunData, resuming: bool):
@@ -365,11 +369,11 @@ def setup_model(cfg: TrainConfig, accelerator, rd: RunData, resuming: bool):
     optimizer, scheduler = build_optimizer(cfg, model, accelerator.device)
     # Streams are split by node already; accelerate prepares (shards, places) the DataLoaders.
     model, optimizer, scheduler, *prepared = accelerator.prepare(
-        model, optimizer, scheduler, *(lo for lo in rd.loaders if not isinstance(lo, StreamLoader)))
+        model, optimizer, scheduler, *(lo for lo in rd.loaders.values() if not isinstance(lo, StreamLoader)))
     prepared = iter(prepared)
-    loaders = tuple(lo if isinstance(lo, StreamLoader) else next(prepared) for lo in rd.loaders)
+    loaders = {name: lo if isinstance(lo, StreamLoader) else next(prepared) for name, lo in rd.loaders.items()}
     if is_xla(accelerator.device):
-        for lo in loaders:
+        for lo in loaders.values():
             give_loader_dataset(lo)
         accelerator.register_load_state_pre_hook(load_models_on_host)
     return model, optimizer, scheduler, loaders

@@ -23,6 +23,7 @@ BASE_KEYS = {
     "num_unlabeled",
     "mask_per_class",
     "pseudo_label_correct",
+    "pseudo_label_known",
     "pseudo_label_acc",
 }
 LOGITS_X = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
@@ -222,7 +223,8 @@ def test_freematch_self_adaptive_fairness_loss_eq12():
     assert loss_f.item() == approx(expected)
 
     total, stats = freematch.loss(FREE_X, torch.tensor([0, 1]), FREE_PROBS, logits_u_s, FREE_STATE, lambda_u=1.0)
-    assert set(stats) == (BASE_KEYS - {"pseudo_label_correct", "pseudo_label_acc"}) | {"threshold_per_class", "loss_f"}
+    truth = {"pseudo_label_correct", "pseudo_label_known", "pseudo_label_acc"}
+    assert set(stats) == (BASE_KEYS - truth) | {"threshold_per_class", "loss_f"}
     assert stats["threshold_per_class"].tolist() == approx([0.8, 0.4])
     assert stats["mask_per_class"].tolist() == [1.0, 1.0]
     assert stats["loss_f"].item() == approx(expected)
@@ -463,3 +465,23 @@ def test_adamatch_refuses_another_alignment():
 
     with pytest.raises(ValueError, match="does not apply to adamatch"):
         Objective("adamatch", num_classes=3, dist_align="uniform")
+
+
+def test_freematch_clip_caps_the_global_threshold_and_keeps_it_capped():
+    """USB's clip_thresh: tau_t = clip(m * tau + (1 - m) * mean max-prob, 0, 0.95), the capped value kept."""
+    state = freematch.FreeMatchState.init(2)._replace(time_p=torch.tensor(0.94))
+    sure = freematch.batch_statistics(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # mean max-prob 1
+    assert freematch.update_state(state, sure, momentum=0.5).time_p.item() == approx(0.97)
+    capped = freematch.update_state(state, sure, momentum=0.5, clip=True)
+    assert capped.time_p.item() == approx(0.95)
+    # the next update starts from the cap: 0.5 * 0.95 + 0.5 * 0.6 = 0.775
+    unsure = freematch.batch_statistics(torch.tensor([[0.6, 0.4], [0.4, 0.6]]))
+    assert freematch.update_state(capped, unsure, momentum=0.5, clip=True).time_p.item() == approx(0.775)
+
+
+def test_svhn_presets_clip_freematch_as_usb_does():
+    from fixmatch_accel.config import parse_args
+
+    cfg, sources = parse_args(["--preset", "svhn-40", "--algorithm", "freematch"])
+    assert cfg.freematch_clip_threshold is True and sources["freematch_clip_threshold"] == "preset:svhn-40"
+    assert parse_args(["--preset", "cifar10-40", "--algorithm", "freematch"])[0].freematch_clip_threshold is False

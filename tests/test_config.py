@@ -123,3 +123,30 @@ def test_console_script_is_installed_and_runs():
     assert script.exists(), "install the package (pip install -e .) to get the fixmatch-train command"
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "usage: fixmatch-train" in result.stdout
+
+
+def test_settings_a_run_does_not_read_are_named_once_at_start(tmp_path):
+    """Given by flag or file but not read by this run: one note at start, with the reason; a preset's values
+    (set for every algorithm) and defaults say nothing."""
+    from fixmatch_accel.preflight import check_start
+
+    def notes(*args):
+        cfg, sources = parse_args(["--dataset_name", "digits", "--output_dir", str(tmp_path / "out"), *args])
+        return [n for n in check_start(cfg, sources).notes if "no effect" in n]
+
+    assert notes("--algorithm", "softmatch", "--threshold", "0.7", "--freematch_fairness", "0.5") == [
+        "note: no effect in this run: --freematch_fairness (--algorithm softmatch does not read it), "
+        "--threshold (--algorithm softmatch does not read it)"]
+    assert notes("--softmatch_n_sigma", "3", "--no-flexmatch_warmup") == [
+        "note: no effect in this run: --flexmatch_warmup (--algorithm fixmatch does not read it), "
+        "--softmatch_n_sigma (--algorithm fixmatch does not read it)"]
+    assert notes("--stats_momentum", "0.9", "--shuffle_buffer_size", "10") == [
+        "note: no effect in this run: --stats_momentum (--algorithm fixmatch does not read it, nor --dist_align "
+        "none), --shuffle_buffer_size (only with --streaming)"]
+    assert notes("--algorithm", "flexmatch", "--threshold", "0.7", "--no-flexmatch_warmup") == []
+    assert notes("--stats_momentum", "0.9", "--dist_align", "uniform") == []
+    assert notes("--preset", "cifar10-40", "--algorithm", "softmatch") == []  # the preset's threshold
+    path = tmp_path / "run.yaml"
+    path.write_text("algorithm: freematch\nthreshold: 0.8\n")
+    assert notes("--config", str(path)) == [
+        "note: no effect in this run: --threshold (--algorithm freematch does not read it)"]

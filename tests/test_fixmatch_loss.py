@@ -100,3 +100,18 @@ def test_without_targets_u_no_pseudo_label_accuracy():
     _, stats = run(targets_u=None)
     assert "pseudo_label_acc" not in stats
     assert stats["mask_count"].item() == 2
+
+
+def test_pseudo_label_accuracy_counts_only_images_with_a_known_class():
+    """-1 marks an unlabeled image without a true class: it is trained on, but is neither right nor wrong."""
+    from fixmatch_accel.algorithms.common import consistency_loss
+
+    logits = torch.eye(3)[[0, 1, 2, 0]] * 10
+    pseudo = logits.argmax(-1)
+    _, stats = consistency_loss(logits[:1], torch.tensor([0]), logits, pseudo, torch.ones(4), lambda_u=1.0,
+                                targets_u=torch.tensor([0, -1, 1, -1]))
+    assert stats["pseudo_label_known"].item() == 2 and stats["pseudo_label_correct"].item() == 1
+    assert stats["pseudo_label_acc"].item() == 0.5
+    _, none = consistency_loss(logits[:1], torch.tensor([0]), logits, pseudo, torch.ones(4), lambda_u=1.0,
+                               targets_u=torch.full((4,), -1))
+    assert none["pseudo_label_known"].item() == 0 and none["pseudo_label_acc"].item() == 0.0

@@ -261,7 +261,7 @@ def test_a_run_without_confident_pseudo_labels_says_so(tmp_path, monkeypatch):
     said = []
     monkeypatch.setattr(plot, "_empty", lambda ax, text: said.append(text))
     write_plots(str(run))
-    assert said == ["no image has passed the threshold yet"]
+    assert said == ["no confident image with a known class yet\n(unlabeled images without labels have none)"]
 
 
 def test_write_plots_on_an_empty_log_is_a_usage_error(tmp_path):

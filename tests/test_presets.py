@@ -109,7 +109,7 @@ def test_every_preset_is_the_papers_setting():
         "cifar10": ("uoft-cs/cifar10", "wrn28_2", 5e-4),
         "cifar100": ("uoft-cs/cifar100", "wrn28_8", 1e-3),
         "svhn": ("ufldl-stanford/svhn", "wrn28_2", 5e-4),
-        "stl10": ("tanganke/stl10", "wrn37_2", 5e-4),
+        "stl10": ("jxie/stl10", "wrn37_2", 5e-4),
     }
     for name in names:
         cfg, sources = parse_args(["--preset", name])
@@ -123,6 +123,8 @@ def test_every_preset_is_the_papers_setting():
         assert sources["model"] == f"preset:{name}" and "demo" not in sources.values()
     cfg, _ = parse_args(["--preset", "cifar100-2500"])
     assert cfg.label_column_name == "fine_label"
+    cfg, _ = parse_args(["--preset", "stl10-1000"])  # the paper's STL-10: unlabeled loss over train+unlabeled
+    assert (cfg.unlabeled_split, cfg.eval_split, cfg.train_split) == ("train+unlabeled", "test", "train")
     assert {n.rsplit("-", 1)[0] for n in names} == set(family)
 
 
@@ -131,7 +133,7 @@ def test_preset_list_and_unknown_preset(capsys):
         parse_args(["--preset", "list"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in preset_names()) and "tanganke/stl10, 1000 labels, wrn37_2" in out
+    assert all(name in out for name in preset_names()) and "jxie/stl10, 1000 labels, wrn37_2" in out
     assert main(["--preset", "cifar10-41"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fixmatch-train: error: --preset 'cifar10-41': unknown; choose from cifar10-40, ")

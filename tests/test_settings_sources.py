@@ -62,6 +62,11 @@ def test_a_preset_takes_your_own_data_source(tmp_path):
     assert (cfg.dataset_name, cfg.label_column_name) == (None, None)
     cfg, _ = parse_args(["--preset", "cifar100-400", "--label_column_name", "coarse_label"])
     assert (cfg.dataset_name, cfg.label_column_name) == ("uoft-cs/cifar100", "coarse_label")
+    # the preset's unlabeled split belongs to its dataset: your folders bring their own unlabeled data, or none
+    cfg, _ = parse_args(["--preset", "stl10-1000", "--train_dir", "folders/train", "--validation_dir", "folders/val"])
+    assert (cfg.dataset_name, cfg.unlabeled_split, cfg.eval_split, cfg.model) == (None, None, None, "wrn37_2")
+    cfg, _ = parse_args(["--preset", "stl10-1000", "--train_dir", "folders/train", "--unlabeled_dir", "dump"])
+    assert (cfg.unlabeled_split, cfg.unlabeled_dir) == (None, "dump")
 
 
 def test_errors_name_the_preset_or_file_a_value_came_from(tmp_path):

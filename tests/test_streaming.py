@@ -142,7 +142,7 @@ def test_unlabeled_excludes_labeled(parquet_dir, streaming):
     data = load_data(cfg)
     idx, rows, _ = labeled_examples(cfg, data, labeled_split(cfg, data))
     accelerator = SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"))
-    _, unlabeled, _ = build_loaders(cfg, data, idx, rows, 8, 1, "accelerator", accelerator)
+    unlabeled = build_loaders(cfg, data, idx, rows, 8, 1, "accelerator", accelerator)["unlabeled"]
     unlabeled.set_epoch(0) if streaming else None
     seen = torch.cat([batch[-1] for batch in unlabeled]).tolist()
     assert not set(seen) & set(idx)

@@ -60,8 +60,11 @@ def consistency_loss(
         "mask_per_class": class_counts(pseudo_labels, logits_u_s.shape[-1], used),
     }
     if targets_u is not None:
-        correct = ((pseudo_labels == targets_u).float() * used).sum()
+        # A sample whose true class is unknown (-1) counts neither way: the accuracy is over the known ones.
+        known = used * (targets_u >= 0).float()
+        correct = ((pseudo_labels == targets_u).float() * known).sum()
         stats["pseudo_label_correct"] = correct
+        stats["pseudo_label_known"] = known.sum()
         # clamp keeps it NaN-free when no sample is used (0 / 1 = 0).
-        stats["pseudo_label_acc"] = correct / used_count.clamp(min=1.0)
+        stats["pseudo_label_acc"] = correct / stats["pseudo_label_known"].clamp(min=1.0)
     return loss, stats

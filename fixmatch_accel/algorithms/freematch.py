@@ -30,7 +30,7 @@ class FreeMatchState(NamedTuple):
 
     @classmethod
     def init(cls, num_classes: int, device=None) -> "FreeMatchState":
-        """The paper's initial values: 1/C everywhere (USB starts from 1: see the module notes)."""
+        """The paper's initial values: 1/C everywhere (USB's too since its commit 9a24e00, April 2023)."""
         uniform = torch.full((num_classes,), 1.0 / num_classes, device=device)
         return cls(torch.tensor(1.0 / num_classes, device=device), uniform, uniform.clone())
 
@@ -46,12 +46,19 @@ def batch_statistics(probs_u_w: Tensor) -> Dict[str, Tensor]:
     }
 
 
-def update_state(state: FreeMatchState, stats: Dict[str, Tensor], *, momentum: float = 0.999) -> FreeMatchState:
-    """The three EMAs (eq. 6, 7, 11) with the batch means sum / count."""
+# USB's cap on the global threshold with clip_thresh (its SVHN settings).
+CLIP_THRESHOLD = 0.95
+
+
+def update_state(state: FreeMatchState, stats: Dict[str, Tensor], *, momentum: float = 0.999,
+                 clip: bool = False) -> FreeMatchState:
+    """The three EMAs (eq. 6, 7, 11) with the batch means sum / count; with `clip`, tau_t capped at 0.95 after
+    its update and kept so (USB's clip_thresh)."""
     count = stats["count"].clamp(min=1.0)
     m = momentum
+    time_p = m * state.time_p + (1.0 - m) * stats["max_prob_sum"] / count
     return FreeMatchState(
-        time_p=m * state.time_p + (1.0 - m) * stats["max_prob_sum"] / count,
+        time_p=time_p.clamp(max=CLIP_THRESHOLD) if clip else time_p,
         p_model=m * state.p_model + (1.0 - m) * stats["prob_sum"] / count,
         label_hist=m * state.label_hist + (1.0 - m) * stats["label_hist"] / count,
     )
@@ -117,7 +124,9 @@ class FreeMatch(Algorithm):
     name, title = "freematch", "FreeMatch"
     summary = "freematch (self-adaptive thresholds + fairness loss)"
     own_settings = (Setting("freematch_fairness", 0.001, "freematch: weight of the self-adaptive fairness loss "
-                                                         "(USB's CIFAR setting).", bound="non-negative"),)
+                                                         "(USB's CIFAR setting).", bound="non-negative"),
+                    Setting("freematch_clip_threshold", False, "freematch: cap the global threshold at 0.95 "
+                                                               "(USB's clip_thresh, on in its SVHN settings)."))
     uses = ("stats_momentum",)
     console = (("mask", "mask_ratio"), ("loss_f", "loss_f"))
     sample_mean_loss = False
@@ -128,7 +137,8 @@ class FreeMatch(Algorithm):
 
     def step(self, state, batch, collectives):
         s = self.settings
-        state = update_state(state, collectives.sum(batch_statistics(batch.aligned_u_w)), momentum=s.stats_momentum)
+        state = update_state(state, collectives.sum(batch_statistics(batch.aligned_u_w)), momentum=s.stats_momentum,
+                             clip=s.freematch_clip_threshold)
         total, stats = loss(batch.logits_x, batch.targets_x, batch.aligned_u_w, batch.logits_u_s, state,
                             lambda_u=s.lambda_u, lambda_f=s.freematch_fairness, targets_u=batch.targets_u)
         return total, stats, state

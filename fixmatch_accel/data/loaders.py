@@ -56,13 +56,15 @@ class ImageDataset(torch.utils.data.Dataset):
     [C, H, W] tensor. With no view the decoded image itself is returned. An image
     that cannot be decoded comes back as a black filler whose row is rows.unreadable(row);
     `collate_fillers` replaces it with a good sample of its batch, and the trainer
-    counts those rows as skipped images.
+    counts those rows as skipped images. With `labels` (an unlabeled source's true classes,
+    -1 for none) the label is labels[row] and `label_column` is not read.
     """
 
-    def __init__(self, dataset, indices: Sequence[int], image_column: str, label_column: str,
+    def __init__(self, dataset, indices: Sequence[int], image_column: str, label_column: Optional[str],
                  size: int, views: Sequence[Callable] = (), ids: Optional[Sequence[int]] = None,
-                 seeds: Optional[SampleSeeds] = None, interpolation: str = "bilinear"):
-        self.dataset = dataset
+                 seeds: Optional[SampleSeeds] = None, labels: Optional[np.ndarray] = None,
+                 interpolation: str = "bilinear"):
+        self.dataset, self.labels = dataset, labels
         self.indices = list(indices)
         self.ids = self.indices if ids is None else list(ids)  # the row reported for each item
         self.image_column, self.label_column = image_column, label_column
@@ -78,9 +80,11 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, i):
-        row = self.dataset[self.indices[i]]
-        return sample(row[self.image_column], row[self.label_column], self.ids[i], self.size, self.views,
-                      self.seeds, draw=i, interpolation=self.interpolation)
+        index = self.indices[i]
+        row = self.dataset[index]
+        label = row[self.label_column] if self.labels is None else int(self.labels[index])
+        return sample(row[self.image_column], label, self.ids[i], self.size, self.views, self.seeds, draw=i,
+                      interpolation=self.interpolation)
 
 
 def sample(value, label: int, row: int, size: int, views: Sequence[Callable],
@@ -153,15 +157,15 @@ def batch_identity(batch):
     return batch
 
 
-def decode_split(dataset, image_column: str, label_column: str, size: int, num_workers: int = 0,
-                 show_progress: bool = False, interpolation: str = "bilinear"):
+def decode_split(dataset, image_column: str, label_column: Optional[str], size: int, num_workers: int = 0,
+                 show_progress: bool = False, labels: Optional[np.ndarray] = None, interpolation: str = "bilinear"):
     """Decode a whole split (any mode, any size) into uint8 [N, 3, size, size] and int64 [N] tensors.
 
-    Returns (images, labels, bad rows); a bad row's image is left black.
+    Returns (images, labels, bad rows); a bad row's image is left black. `labels`: as ImageDataset's.
     """
     from tqdm.auto import tqdm
 
-    source = ImageDataset(dataset, range(len(dataset)), image_column, label_column, size,
+    source = ImageDataset(dataset, range(len(dataset)), image_column, label_column, size, labels=labels,
                           interpolation=interpolation)
     loader = torch.utils.data.DataLoader(source, batch_size=256, num_workers=num_workers)
     images = torch.zeros(len(dataset), 3, size, size, dtype=torch.uint8)

@@ -1,6 +1,6 @@
-"""Where the data comes from: a hub or local dataset, two image folders, or the digits demo.
+"""Where the labeled and eval data come from: a hub or local dataset, two image folders, or the digits demo.
 
-load_data opens the train and eval splits (or holds part of the train split out for
+load_labeled opens the train and eval splits (or holds part of the train split out for
 evaluation), finds the image and label columns, reads every label (one pass over the
 label column of a stream) and checks the classes.
 """
@@ -25,7 +25,9 @@ class SplitData:
     indices of the train split in order (the positions the labeled split refers to).
     When the data has no eval split, `train` is what is left of the train split after
     `carve` held rows out, and `eval` those rows. `notes` are warnings for the user,
-    printed once by the trainer.
+    printed once by the trainer. A train row without a class (-1: none, None or '' in the
+    data) is never a labeled example. `unlabeled` is the unlabeled data's source
+    (unlabeled.Source, its own row space), set by unlabeled.load_data.
     """
 
     train: "datasets.Dataset"  # noqa: F821
@@ -40,6 +42,7 @@ class SplitData:
     label_map: Optional[Dict] = None  # streaming with plain int/str labels: value -> class index
     carve: Optional[Dict] = None  # eval rows held out of the train split: {fraction, seed, held_out}
     notes: List[str] = field(default_factory=list)
+    unlabeled: object = None
 
     @property
     def num_classes(self) -> int:
@@ -54,6 +57,11 @@ class SplitData:
         return self.shard_sizes is not None
 
 
+def local_path(name: str) -> str:
+    """A --dataset_name as load_dataset takes it (a hub id passes unchanged)."""
+    return os.path.expanduser(name)
+
+
 def load_named_dataset(name: str, config_name: Optional[str] = None, streaming: bool = False):
     """The splits (a DatasetDict) of --dataset_name: a hub id, a local dataset folder, or 'digits'."""
     from datasets import IterableDatasetDict, load_dataset
@@ -63,7 +71,7 @@ def load_named_dataset(name: str, config_name: Optional[str] = None, streaming: 
         if streaming:  # four shards, so that the streaming path can be tried on it
             return IterableDatasetDict({k: v.to_iterable_dataset(num_shards=4) for k, v in digits.items()})
         return digits
-    path = os.path.expanduser(name)
+    path = local_path(name)
     # a path, not a hub id: it starts like one, or its first part is a folder here
     local = name.startswith(("/", "./", "../", "~")) or ("/" in name and os.path.isdir(name.split("/")[0]))
     if local and not os.path.exists(path):
@@ -85,6 +93,7 @@ def _load_image_folders(cfg, streaming: bool):
             raise UsageError(f"{flag} {path!r}: no such folder")
         if path is not None:
             _check_flat(flag, path)
+            _check_no_unlabeled_class(flag, path)
     # One builder call for both folders, so both splits share one class list. drop_labels=False: by
     # default the builder drops the class folders when the two folders lie at different depths.
     files = {"train": os.path.join(cfg.train_dir, "**")}
@@ -122,6 +131,14 @@ def _check_flat(flag: str, root: str) -> None:
     if nested is not None:
         raise UsageError(f"{flag} {root!r}: images must sit directly in the class folders (one subfolder per "
                          f"class, no deeper), found {nested}")
+
+
+def _check_no_unlabeled_class(flag: str, root: str) -> None:
+    """A class folder named 'unlabeled' would silently become a class whose images are drawn as labeled examples."""
+    for d in _visible_dirs(root):
+        if d.name.lower() in ("unlabeled", "unlabelled"):
+            raise UsageError(f"{flag} {root!r}: a class folder named {d.name!r}; unlabeled images are not a class, "
+                             f"give them with --unlabeled_dir {os.path.join(root, d.name)!r} (moved out of {flag})")
 
 
 def _load_raw(cfg, streaming: bool = False):
@@ -163,14 +180,14 @@ def holds_images(feature) -> bool:
     return isinstance(feature, Value) and feature.dtype in ("binary", "large_binary")
 
 
-def check_image_column(features, image_col: str) -> None:
-    """A column named by --image_column_name must hold images (holds_images)."""
+def check_image_column(features, image_col: str, flag: str = "image_column_name") -> None:
+    """A column named by --image_column_name (or `flag`) must hold images (holds_images)."""
     if not holds_images(features[image_col]):
-        raise UsageError(f"--image_column_name {image_col!r} holds {features[image_col]}, not images; accepted: "
+        raise UsageError(f"--{flag} {image_col!r} holds {features[image_col]}, not images; accepted: "
                          f"{ACCEPTED_IMAGES}")
 
 
-def pick_image_column(features, given: Optional[str]) -> str:
+def pick_image_column(features, given: Optional[str], flag: str = "image_column_name") -> str:
     """--image_column_name, else the one Image column, else the one column of encoded images (holds_images)."""
     from datasets import Image
 
@@ -178,7 +195,7 @@ def pick_image_column(features, given: Optional[str]) -> str:
         encoded = [k for k, v in features.items() if holds_images(v)]
         if len(encoded) == 1:
             return encoded[0]
-    return pick_column(features, "image_column_name", given, Image, "Image")
+    return pick_column(features, flag, given, Image, "Image")
 
 
 def _pick_splits(cfg, raw):
@@ -252,7 +269,7 @@ def _stream_labels(cfg, train, evaluation, eval_split: str, label_col: str, plai
     label_map = None
     if plain:
         label_map, class_names = _class_index(train_values, eval_values)
-        train_values, eval_values = [label_map[v] for v in train_values], [label_map[v] for v in eval_values]
+        train_values, eval_values = ([label_map.get(v, -1) for v in values] for values in (train_values, eval_values))
     else:
         class_names = list(train.features[label_col].names)
     return train_values, eval_values, class_names, shard_sizes, label_map
@@ -296,7 +313,8 @@ def carve_indices(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 def _carve_eval(cfg, train, label_col: str):
     """(train rows left, held-out eval rows, the carve's record): --train_val_split of each class, seeded."""
     labels = np.asarray(train[label_col])
-    held = carve_indices(labels, cfg.train_val_split, cfg.seed)
+    with_class = np.flatnonzero(labels >= 0)  # rows without a class cannot be evaluated on
+    held = with_class[carve_indices(labels[with_class], cfg.train_val_split, cfg.seed)]
     if not len(held):
         raise UsageError(f"--train_val_split {cfg.train_val_split}: holds out no row of the {len(labels)} rows of "
                          f"--train_split {cfg.train_split!r}; raise it, or name an eval split with --eval_split"
@@ -329,8 +347,9 @@ def _notes(cfg, eval_split: str, carve: Optional[Dict], num_train: int) -> List[
     return []
 
 
-def load_data(cfg, show_progress: bool = False) -> SplitData:
-    """Load the train and eval splits, find the image and label columns, read the labels."""
+def load_labeled(cfg, show_progress: bool = False) -> SplitData:
+    """Load the train and eval splits, find the image and label columns, read the labels (unlabeled.load_data
+    adds the unlabeled source)."""
     from datasets import Image
 
     streaming = getattr(cfg, "streaming", False)
@@ -360,9 +379,9 @@ def load_data(cfg, show_progress: bool = False) -> SplitData:
 
 def _check_label_values(cfg, label_col: str, class_names: List[str], train_labels: np.ndarray,
                         eval_labels: np.ndarray, eval_split: str) -> None:
-    """Every label is a class index 0..classes - 1."""
-    for split, values in ((cfg.train_split, train_labels), (eval_split, eval_labels)):
-        outside = np.flatnonzero((values < 0) | (values >= len(class_names)))
+    """Every label is a class index 0..classes - 1; a train row may have none (-1), an eval row may not."""
+    for split, values, lowest in ((cfg.train_split, train_labels, -1), (eval_split, eval_labels, 0)):
+        outside = np.flatnonzero((values < lowest) | (values >= len(class_names)))
         if len(outside):
             raise UsageError(f"--label_column_name {label_col!r}: split {split!r} holds the value "
                              f"{values[outside[0]]} (row {outside[0]}), outside the {len(class_names)} classes "
@@ -378,7 +397,7 @@ def _check_classes(cfg, class_names: List[str], train_labels: np.ndarray, eval_l
         if empty:
             raise UsageError(f"--train_dir {cfg.train_dir!r}: class folder(s) {', '.join(sorted(empty))} "
                              "hold no images")
-    in_train = set(np.unique(train_labels).tolist())
+    in_train = set(np.unique(train_labels[train_labels >= 0]).tolist())
 
     def names(ids) -> str:
         return ", ".join(class_names[i] for i in sorted(ids))
@@ -396,9 +415,14 @@ def _check_classes(cfg, class_names: List[str], train_labels: np.ndarray, eval_l
                          f"{names(in_train)}")
 
 
+def no_label(value) -> bool:
+    """A plain label value that marks a row without a class: None, '' or -1 (HF's ClassLabel and torchvision's)."""
+    return value is None or value == "" or (isinstance(value, (int, np.integer)) and value == -1)
+
+
 def _class_index(*splits):
-    """Plain int or string labels -> (value -> class index, class names), sorted by value."""
-    values = sorted(set().union(*map(set, splits)))
+    """Plain int or string labels -> (value -> class index, class names), sorted by value; no-label values left out."""
+    values = sorted(v for v in set().union(*map(set, splits)) if not no_label(v))
     return {v: i for i, v in enumerate(values)}, [str(v) for v in values]
 
 
@@ -412,6 +436,7 @@ def _encode_labels(train, evaluation, label_col: str):
     def encode(ds):
         features = ds.features.copy()
         features[label_col] = class_label
-        return ds.map(lambda batch: {label_col: [index[v] for v in batch[label_col]]}, batched=True, features=features)
+        return ds.map(lambda batch: {label_col: [index.get(v, -1) for v in batch[label_col]]}, batched=True,
+                      features=features)
 
     return encode(train), None if evaluation is None else encode(evaluation)

@@ -18,9 +18,12 @@ from .sources import SplitData
 from .streaming import fetch_rows
 
 
-def select_labeled(labels: Sequence[int], num_labeled: int, num_classes: int, seed: int,
+def select_labeled(labels: Sequence[int], num_labeled, num_classes: int, seed: int,
                    names: Optional[Sequence[str]] = None) -> List[int]:
-    """Indices of num_labeled examples, num_labeled / num_classes from each class, drawn with `seed`."""
+    """Indices of num_labeled examples, num_labeled / num_classes from each class, drawn with `seed`;
+    num_labeled 'all': every row with a class (label >= 0)."""
+    if num_labeled == "all":
+        return [int(i) for i in np.flatnonzero(np.asarray(labels) >= 0)]
     if num_labeled % num_classes:
         raise UsageError(f"--num_labeled {num_labeled} is not a multiple of the number of classes ({num_classes})")
     per_class = num_labeled // num_classes
@@ -74,6 +77,9 @@ def labeled_split(cfg, data: SplitData, source: Optional[str] = None) -> List[in
     repeated = [i for i, count in Counter(indices).items() if count > 1]
     if repeated:
         raise UsageError(f"{where}: index {repeated[0]} appears more than once")
+    classless = [i for i in indices if data.train_labels[i] < 0]
+    if classless:
+        raise UsageError(f"{where}: row {classless[0]} has no class label; a labeled example needs one")
     saved = record.get("per_class")
     if isinstance(saved, dict):  # a file we wrote: its indices must still hold the labels it counted
         labels = data.train_labels[indices]
@@ -122,11 +128,13 @@ def labeled_examples(cfg, data: SplitData, indices: List[int]):
         if not found:
             return indices, rows, bad
         bad += found
-        if cfg.labeled_split_file is not None:
+        if cfg.labeled_split_file is not None or cfg.num_labeled == "all":  # nothing to redraw from: left out
             gone = {i for i, _, _ in found}
             indices = [i for i in indices if i not in gone]
             if not indices:
-                raise UsageError(f"--labeled_split_file {cfg.labeled_split_file!r}: no labeled image can be decoded")
+                where = (f"--labeled_split_file {cfg.labeled_split_file!r}" if cfg.labeled_split_file is not None
+                         else "--num_labeled all")
+                raise UsageError(f"{where}: no labeled image can be decoded")
             continue
         labels[[i for i, _, _ in found]] = -1  # no longer a member of any class
         try:
@@ -148,7 +156,7 @@ def _labeled_rows(data: SplitData, fetched: List[Dict]):
         features = features.copy()
         features[data.label_column] = ClassLabel(names=data.class_names)
         for row in fetched:
-            row[data.label_column] = data.label_map[row[data.label_column]]
+            row[data.label_column] = data.label_map.get(row[data.label_column], -1)
     return Dataset.from_list(fetched, features=features)
 
 

@@ -80,6 +80,12 @@ def label_pass(stream, label_column: str, limit: Optional[int] = None, show_prog
     return labels, sizes
 
 
+def count_pass(stream, column: str, show_progress: bool = False):
+    """Rows per shard of a stream with no label column: (a None per row, rows per shard), as label_pass returns."""
+    values, sizes = label_pass(stream, column, show_progress=show_progress)
+    return [None] * len(values), sizes
+
+
 def fetch_rows(stream, shard_sizes: Sequence[int], positions: Sequence[int]) -> List[Dict]:
     """The rows at `positions` (sorted), reading only the shards that hold them."""
     wanted = sorted(positions)
@@ -180,11 +186,16 @@ def batches_per_pass(counts: Sequence[int], world: int, workers: int, batch_size
 
 
 class StreamImages(torch.utils.data.IterableDataset):
-    """A datasets stream of undecoded rows as (*uint8 views, label, position) samples (see loaders.sample)."""
+    """A datasets stream of undecoded rows as (*uint8 views, label, position) samples (see loaders.sample).
 
-    def __init__(self, stream, image_column: str, label_column: str, size: int, views=(), label_map=None,
-                 seeds: Optional[SampleSeeds] = None, interpolation: str = "bilinear"):
-        self.stream = stream
+    With `labels` (an unlabeled source's true classes by position, -1 for none) the label is
+    labels[position] and `label_column` is not read.
+    """
+
+    def __init__(self, stream, image_column: str, label_column: Optional[str], size: int, views=(), label_map=None,
+                 seeds: Optional[SampleSeeds] = None, labels: Optional[np.ndarray] = None,
+                 interpolation: str = "bilinear"):
+        self.stream, self.labels = stream, labels
         self.seeds = seeds
         self.image_column, self.label_column = image_column, label_column
         self.size, self.interpolation = size, interpolation
@@ -198,10 +209,13 @@ class StreamImages(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         for i, row in enumerate(self.stream):
-            label = row[self.label_column]
-            if self.label_map is not None:
-                label = self.label_map[label]
             position = row.get(POSITION, i)  # unique within a pass: the augmentation's seed
+            if self.labels is not None:
+                label = int(self.labels[position])
+            else:
+                label = row[self.label_column]
+                if self.label_map is not None:
+                    label = self.label_map.get(label, -1)
             yield sample(row[self.image_column], label, position, self.size, self.views, self.seeds, draw=position,
                          interpolation=self.interpolation)
 
