@@ -143,19 +143,21 @@ def complete_steps(out: Path):
     return checkpoint_steps(str(out))
 
 
-@pytest.mark.parametrize("every", [["--checkpointing_steps", 5], ["--checkpointing_minutes", 0.01]],
-                         ids=["steps", "minutes"])
-def test_killed_processes_are_restarted_and_the_run_ends_as_if_never_killed(tmp_path, two_process_straight, every):
+@pytest.mark.parametrize("every, third", [(["--checkpointing_steps", 5], "rank"),
+                                          (["--checkpointing_minutes", 0.01], "worker")], ids=["steps", "minutes"])
+def test_killed_processes_are_restarted_and_the_run_ends_as_if_never_killed(tmp_path, two_process_straight, every,
+                                                                             third):
     """`accelerate launch --max_restarts 3`: a rank SIGKILLed before the first checkpoint, another at a random moment
-    after one, then a rank's DataLoader worker (as the OOM killer would). torchrun's agent restarts both ranks each
-    time; `auto` starts afresh (the start set aside) or continues from the newest complete checkpoint; the launcher
-    exits 0 and the final weights are bit for bit those of the run never killed."""
+    after one, then a third after a newer one: a rank, or (the minutes run) a rank's DataLoader worker, as the OOM
+    killer would. torchrun's agent restarts both ranks each time; `auto` starts afresh (the start set aside) or
+    continues from the newest complete checkpoint; the launcher exits 0 and the final weights are bit for bit those
+    of the run never killed."""
     import random
 
     rng = random.Random(0)
     out, log = tmp_path / "run", tmp_path / "log"
-    i = TWO.index("--checkpointing_steps")
-    args = TWO[:i] + TWO[i + 2:] + [*every, "--output_dir", out, "--resume_from_checkpoint", "auto"]
+    # TWO's own --checkpointing_steps 0 gives way to a later flag: steps, or minutes alone.
+    args = TWO + [*every, "--output_dir", out, "--resume_from_checkpoint", "auto"]
     proc = start([*accelerate_launch(), "--max_restarts", 3, "--monitor_interval", 0.2, ROOT / "train.py", *args], log)
     try:
         killed = []
@@ -173,11 +175,12 @@ def test_killed_processes_are_restarted_and_the_run_ends_as_if_never_killed(tmp_
                  [p.pid for p in trainers(proc)], proc, log)
         time.sleep(rng.uniform(0, 1))
         kill(rng.choice(trainers(proc)))
-        # 3. A DataLoader worker of a rank, after a newer checkpoint.
+        # 3. A rank or a rank's DataLoader worker, after a newer checkpoint.
         newest = complete_steps(out)[-1]
         wait_for(lambda: complete_steps(out)[-1] > newest and len(trainers(proc)) == 2, proc, log)
         time.sleep(rng.uniform(0, 1))
-        kill(rng.choice(rng.choice(trainers(proc)).children()))
+        rank = rng.choice(trainers(proc))
+        kill(rank if third == "rank" else rng.choice(rank.children()))
         code = proc.wait(timeout=300)
     finally:
         kill_tree(proc)
