@@ -136,11 +136,11 @@ def _marker(rank: int) -> str:
 
 
 def incomplete_reason(path: str) -> Optional[str]:
-    """Why a checkpoint folder lacks a process's part ('' never): None when every process wrote its part.
+    """Why a checkpoint folder is incomplete (what it lacks), or None when every process wrote its part.
 
     Each process writes its marker after its own files; the checkpoint's processes are those of
-    its trainer_state.json. A checkpoint written before the markers counts when every process's
-    RNG states are there.
+    its trainer_state.json. A renamed folder without any marker was written before the markers
+    (a write cut short is never renamed): it counts when every process's RNG states are there.
     """
     try:
         processes = int(_read_json(os.path.join(path, "trainer_state.json")).get("layout", {}).get("processes", 1))

@@ -20,7 +20,7 @@ def make_accelerator(cfg, log_with):
     # otherwise every process would train alone, believing it is the only one.
     cpu = world_size > 1 and not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_XLA") is None
     mixed_precision = cfg.mixed_precision
-    join_restarted_group(cpu or not torch.cuda.is_available(), cfg.ddp_timeout)
+    join_restarted_group(not torch.cuda.is_available(), cfg.ddp_timeout)
     if mixed_precision is None and "1" in (os.environ.get("XLA_USE_BF16"), os.environ.get("XLA_DOWNCAST_BF16")):
         # accelerate's TPU launcher hands a config's bf16 on only as these variables, which torch_xla 2.6+ ignores.
         mixed_precision = "bf16"
