@@ -368,10 +368,16 @@ def test_sigterm_to_a_two_process_launch_checkpoints_through_torchrun(tmp_path):
                                               ("adamatch", ["--stats_momentum", "0.5", "--threshold", "0.5"])])
 def test_resume_is_exact_for_every_algorithm(tmp_path, algorithm, extra):
     """Resumed at step 4 of 8: the algorithm's state comes back from objective.safetensors, so every later
-    step's loss and the final weights are the uninterrupted run's; another --algorithm is refused."""
+    step's loss and the final weights are the uninterrupted run's; another --algorithm is refused. The console
+    line shows the algorithm's own figures: SoftMatch's mean weight instead of its mask (always 1), FreeMatch's
+    fairness loss beside its mask."""
     args = QUICK + ["--max_train_steps", 8, "--checkpointing_steps", 4, "--algorithm", algorithm, *extra]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    check_ok(run_train(args + ["--output_dir", straight]))
+    result = run_train(args + ["--output_dir", straight])
+    check_ok(result)
+    line = next(line for line in result.stdout.splitlines() if line.startswith("step 8/8 loss"))
+    shown = dict(softmatch=(" weight ", " mask "), freematch=(" loss_f ", None)).get(algorithm, (" mask ", None))
+    assert shown[0] in line and (shown[1] is None or shown[1] not in line), line
     checkpoint = straight / "checkpoints" / "step_4"
     assert (checkpoint / "objective.safetensors").is_file()
     check_ok(run_train(args + ["--output_dir", resumed, "--resume_from_checkpoint", checkpoint]))
