@@ -1,6 +1,6 @@
 """Checkpoints and the output folder: atomic save, strict load, which checkpoint to resume, whose folder it is.
 
-Imports no torch at module level: the resume and output-folder checks run before the training stack is loaded.
+The resume and output-folder checks run before the data and model are loaded (preflight).
 """
 
 from __future__ import annotations
@@ -90,9 +90,10 @@ class Components(NamedTuple):
     per_process: Dict[str, object]
 
     def files(self, rank: int) -> Dict[str, object]:
-        """file name -> component, for this process's view of a checkpoint."""
+        """file name -> component, for this process's view of a checkpoint (empty states left out)."""
         named = dict(self.shared, **{f"{name}_{rank}": c for name, c in self.per_process.items()})
-        return {_file_name(name, c.state_dict()): c for name, c in named.items() if c.state_dict() != {}}
+        states = {name: c.state_dict() for name, c in named.items()}
+        return {_file_name(name, states[name]): c for name, c in named.items() if states[name] != {}}
 
 
 def _is_tensors(state: Dict) -> bool:

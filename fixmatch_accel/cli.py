@@ -11,7 +11,7 @@ def _train(argv: Optional[List[str]]) -> int:
     from .config import name_the_source, parse_args
 
     cfg, sources = parse_args(argv)
-    from .preflight import check_start  # imported late so `--help` and flag errors stay fast
+    from .preflight import check_start  # imported late: a flag error stops before the augmentation modules load
 
     try:
         start = check_start(cfg, sources)  # before the training stack is imported
