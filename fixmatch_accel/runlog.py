@@ -191,12 +191,10 @@ class Window:
         for k in names:
             size = self.sums[k].numel()
             values, start = flat[start:start + size], start + size
-            if k in TOTALS:
-                row[k] = values if self.sums[k].dim() else values[0]
-            else:
+            if k not in TOTALS:  # a mean over the steps that reported it, on every process
                 n = self.counts.get(k, 0) * accelerator.num_processes
                 values = [v / n for v in values] if n else [None] * size
-                row[k] = values if self.sums[k].dim() else values[0]
+            row[k] = values if self.sums[k].dim() else values[0]
         masked, unlabeled, correct, known = (row.pop(k, 0.0) for k in ("mask_count", "num_unlabeled",
                                                                        "pseudo_label_correct", "pseudo_label_known"))
         row["mask_ratio"] = masked / max(unlabeled, 1.0)

@@ -113,10 +113,6 @@ class BadImages:
         bad = unreadable_mask(rows)
         self.seen.scatter_reduce_(0, torch.where(bad, unreadable_source_row(rows), 0), bad.to(torch.uint8), "amax")
 
-    def _distinct_bad(self, state) -> int:
-        space = self._space("unlabeled")
-        return len(set(self.unreadable) | {(space, r) for r in state.bad_rows})
-
     def _distinct_read(self, state) -> int:
         """Rows read so far: those read before training, and the unlabeled rows the training passes have drawn
         (all of them once a pass is done; before, at most as many as drawn)."""
@@ -127,7 +123,8 @@ class BadImages:
 
     def total(self, state) -> int:
         """Distinct unreadable training images found so far (before training and since)."""
-        return self._distinct_bad(state)
+        space = self._space("unlabeled")
+        return len(set(self.unreadable) | {(space, r) for r in state.bad_rows})
 
     def check_setup(self, detail: str = "") -> None:
         """Stop when too many of the images read before training were unreadable, else say once what was skipped."""
@@ -255,6 +252,7 @@ def build_loaders(cfg, data, labeled_idx: List[int], labeled_rows, size: int, pa
     world, device = accelerator.num_processes, accelerator.device
     workers, pin_memory = num_workers(cfg), device.type == "cuda"
     if workers:
+        atexit.unregister(_end_workers_at_exit)  # once, however many runs this process builds loaders for
         atexit.register(_end_workers_at_exit)
     excluded = excluded_rows(cfg, data, labeled_idx)
     source = data.unlabeled
